@@ -1,0 +1,85 @@
+# The README's commands: `make run`, `make test`, `make install`, `make lint`, `make clean`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
+
+# Stamps: each install re-runs when pyproject.toml changes (or when .venv is deleted).
+INSTALL_STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+# Debian packages the test suite needs. `make test` installs the missing ones with apt-get
+# when it runs as root; otherwise it warns and the tests that need them skip themselves.
+# To add one, append its name: SYSTEM_PACKAGES += redis-server
+SYSTEM_PACKAGES := chromium
+
+.PHONY: help install run test lint format clean distclean system-packages
+
+help:
+	@echo "make run      install, create .env from .env.example if missing, serve with gunicorn"
+	@echo "make test     install test dependencies and system packages, lint, run pytest"
+	@echo "make install  create .venv and install the project into it"
+	@echo "make lint     ruff check and ruff format --check"
+	@echo "make clean    remove caches and build artefacts (keeps .venv, .env and instance/)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALL_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	@touch $@
+
+# The test extras include the project itself, so the plain install is up to date as well.
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[test]'
+	@touch $(INSTALL_STAMP) $@
+
+install: $(INSTALL_STAMP)
+
+# Only created when missing: an existing .env is never overwritten.
+.env:
+	cp .env.example .env
+	@echo "created .env from .env.example: put your OPENAI_API_KEY in .env"
+
+run: install .env
+	exec $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+system-packages:
+	@missing=""; \
+	for pkg in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q ' installed$$' \
+			|| missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "warning: missing system packages:$$missing; install them as root" \
+			"(tests that need them will be skipped)" >&2; \
+		exit 0; \
+	fi; \
+	echo "installing system packages:$$missing"; \
+	apt-get update -qq </dev/null; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$$missing </dev/null
+
+test: $(TEST_STAMP) system-packages
+	$(BIN)/ruff check app tests
+	$(BIN)/python -m pytest
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(TEST_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .coverage htmlcov test-results
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,95 @@
+"""chatgpt-proxy: a self-hosted ChatGPT gateway that keeps the upstream key on the server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flask import Flask
+from flask_cors import CORS
+
+from . import auth, errors, logs
+from .blueprints import chat, legacy, ops, pages, passthrough
+from .keypool import mask_key
+from .services.completions import ChatService
+from .services.passthrough import Passthrough
+from .settings import ConfigError, Settings, load_settings
+from .upstream import UpstreamClient
+
+ROOT = Path(__file__).resolve().parent.parent
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+        "form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+EXPOSED_HEADERS = ["Retry-After", "X-Request-ID", "x-should-retry"]
+
+log = logging.getLogger("chatproxy")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Builds the application. Without `settings`, reads them from the environment and `.env`,
+    and exits with one line naming the variable when a value cannot be used."""
+    if settings is None:
+        settings = settings_or_exit()
+    logs.configure(settings.log_level, settings.log_format, settings.secrets)
+    app = Flask(
+        __name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static")
+    )
+    app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
+    app.url_map.merge_slashes = False  # `//` in a /v1 path is refused, not redirected
+    app.url_map.strict_slashes = False
+
+    upstream = UpstreamClient(settings, settings.upstream_pool_size)
+    app.extensions["upstream"] = upstream
+    app.extensions["chat"] = ChatService(settings, upstream)
+    app.extensions["passthrough"] = Passthrough(settings, upstream)
+
+    errors.init_app(app)
+    auth.init_app(app)
+    CORS(
+        app,
+        origins=list(settings.cors_origins),
+        supports_credentials="*" not in settings.cors_origins,
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
+    for blueprint in (pages.bp, ops.bp, legacy.bp, chat.bp, passthrough.bp):
+        app.register_blueprint(blueprint)
+    app.after_request(_security_headers)
+    if not os.environ.get("CHATPROXY_STARTUP_LOGGED"):  # gunicorn's master said it already
+        log_startup(settings)
+    return app
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"chatgpt-proxy: configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def log_startup(settings: Settings) -> None:
+    """Says once what the service will do with its configuration (keys masked)."""
+    if not settings.upstream_configured:
+        log.warning(
+            "OPENAI_API_KEY is not set: the pages are served, and every endpoint that would call "
+            "the upstream answers 503 upstream_not_configured"
+        )
+    else:
+        keys = ", ".join(mask_key(key) for key in settings.api_keys)
+        log.info("upstream %s with %d key(s): %s", settings.base_url, len(settings.api_keys), keys)
+
+
+def _security_headers(response):
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response

@@ -1,0 +1,234 @@
+"""Chat completions for our own surfaces (`/chat`, `/callChatGPT`).
+
+Builds the upstream request, translates the upstream's failures into the contract's errors (§4:
+its 5xx become 502/504, its 429 stays a 429, its 400 keeps its code), and turns the upstream's
+chunk stream into `Delta` and `Finish` items. What a caller does with them — JSON, SSE, plain
+text, storage — is the caller's business.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ApiError
+from ..keypool import redact
+from ..relay import IDLE, pace
+from ..settings import Settings
+from ..sse import EventReader
+from ..upstream import UpstreamAnswer, UpstreamClient
+
+IDLE_EVERY = 0.5  # seconds of upstream silence between two heartbeats / client checks
+FINAL = {"x-should-retry": "false"}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)  # temperature, max_tokens, …
+
+    def payload(self, stream: bool) -> bytes:
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages, **self.options}
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body, ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: str
+    model: str
+    content: str
+    finish_reason: str | None
+    usage: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class Delta:
+    content: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    id: str
+    model: str
+    finish_reason: str | None
+    usage: dict[str, int] | None
+
+
+class ChatService:
+    def __init__(self, settings: Settings, upstream: UpstreamClient):
+        self.settings = settings
+        self.upstream = upstream
+
+    def complete(self, chat: ChatRequest) -> Completion:
+        answer = self._send(chat, stream=False)
+        try:
+            return _completion(_json_body(answer), chat.model)
+        finally:
+            answer.close()
+
+    def stream(self, chat: ChatRequest) -> ChatStream:
+        """Opens the stream; failures before the first byte raise here, as plain errors."""
+        answer = self._send(chat, stream=True)
+        if "json" in answer.content_type:  # an upstream that ignored "stream": true
+            return ChatStream.of_completion(_completion(_json_body(answer), chat.model), answer)
+        if "text/event-stream" not in answer.content_type:
+            answer.close()
+            raise ApiError("upstream_bad_response", "The upstream did not answer with a stream.")
+        return ChatStream(answer, chat.model, self.settings.max_stream_seconds)
+
+    def _send(self, chat: ChatRequest, stream: bool) -> UpstreamAnswer:
+        accept = "text/event-stream" if stream else "application/json"
+        answer = self.upstream.send(
+            "POST",
+            "chat/completions",
+            headers={"Content-Type": "application/json", "Accept": accept},
+            body=chat.payload(stream),
+        )
+        if answer.status != 200:
+            try:
+                raise self._failure(answer)
+            finally:
+                answer.close()
+        return answer
+
+    def _failure(self, answer: UpstreamAnswer) -> ApiError:
+        """The contract's error for a final upstream status other than 200."""
+        status = answer.status
+        if status == 429:
+            retry_after = answer.headers.get("Retry-After") or "1"
+            return ApiError(
+                "upstream_rate_limited",
+                "The upstream provider is rate-limiting this server; retry later.",
+                headers={**FINAL, "Retry-After": retry_after},
+            )
+        if status == 504:
+            return ApiError("upstream_timeout", "The upstream timed out.", headers=FINAL)
+        if status >= 500 or status < 400:
+            message = f"The upstream failed with status {status}."
+            return ApiError("upstream_bad_response", message, headers=FINAL)
+        error = _upstream_error(answer)
+        message = redact(
+            str(error.get("message") or f"The upstream refused the request ({status})."),
+            self.settings.secrets,
+        )
+        code = error.get("code") if isinstance(error.get("code"), str) else "invalid_value"
+        return ApiError(code, message, status=400, type="invalid_request_error", headers=FINAL)
+
+
+class ChatStream:
+    """The upstream's chunks as `Delta`s, a final `Finish`, and `IDLE` while it is silent."""
+
+    def __init__(self, answer: UpstreamAnswer, model: str, max_seconds: float):
+        self.model = model
+        self._answer = answer
+        self._items = self._read(max_seconds)
+
+    @classmethod
+    def of_completion(cls, completion: Completion, answer: UpstreamAnswer) -> ChatStream:
+        stream = cls.__new__(cls)
+        stream.model = completion.model
+        stream._answer = answer
+        finish = Finish(completion.id, completion.model, completion.finish_reason, completion.usage)
+        stream._items = iter([Delta(completion.content), finish])
+        return stream
+
+    def __iter__(self) -> Iterator[Delta | Finish | object]:
+        return self._items
+
+    def close(self) -> None:
+        close_items = getattr(self._items, "close", None)
+        if close_items:
+            close_items()
+        self._answer.close()
+
+    def _read(self, max_seconds: float) -> Iterator[Delta | Finish | object]:
+        reader = EventReader()
+        chunk_id, finish_reason, usage, done = "", None, None, False
+        paced = pace(
+            self._answer.iter_bytes(),
+            idle_every=IDLE_EVERY,
+            max_seconds=max_seconds,
+            on_stop=self._answer.close,
+        )
+        try:
+            for piece in paced:
+                if piece is IDLE:
+                    yield IDLE
+                    continue
+                for event in reader.feed(piece):
+                    if event.data.strip() == "[DONE]":
+                        done = True
+                        break
+                    chunk = _chunk(event.data)
+                    chunk_id = chunk.get("id") or chunk_id
+                    self.model = chunk.get("model") or self.model
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or ():
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            yield Delta(content)
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                if done:
+                    break
+        finally:
+            paced.close()
+        if not done and finish_reason is None:
+            raise ApiError(
+                "upstream_unreachable", "The upstream stream ended before the answer did."
+            )
+        yield Finish(chunk_id, self.model, finish_reason, usage)
+
+
+def _json_body(answer: UpstreamAnswer) -> dict[str, Any]:
+    if "html" in answer.content_type:
+        answer.close()
+        raise ApiError("upstream_bad_response", "The upstream answered with an HTML page.")
+    body = answer.json()
+    if not isinstance(body, dict):
+        raise ApiError("upstream_bad_response", "The upstream answered with unexpected JSON.")
+    return body
+
+
+def _completion(body: dict[str, Any], requested_model: str) -> Completion:
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ApiError("upstream_bad_response", "The upstream's answer has no choices.")
+    message = choices[0].get("message") or {}
+    content = message.get("content") if isinstance(message, dict) else None
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+    return Completion(
+        id=str(body.get("id") or ""),
+        model=str(body.get("model") or requested_model),
+        content=content if isinstance(content, str) else "",
+        finish_reason=choices[0].get("finish_reason"),
+        usage=usage,
+    )
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise ApiError(
+            "upstream_bad_response", "The upstream sent a malformed stream event."
+        ) from None
+    if not isinstance(chunk, dict):
+        raise ApiError("upstream_bad_response", "The upstream sent a malformed stream event.")
+    if isinstance(chunk.get("error"), dict):
+        raise ApiError("upstream_bad_response", "The upstream reported an error mid-answer.")
+    return chunk
+
+
+def _upstream_error(answer: UpstreamAnswer) -> dict[str, Any]:
+    try:
+        body = json.loads(answer.read())
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}

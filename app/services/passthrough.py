@@ -1,0 +1,141 @@
+"""The `/v1` passthrough: which headers cross, and relaying the upstream's answer as it arrives.
+
+The upstream's status, type and body come back unchanged, with three edits: headers that belong
+to one hop or to the upstream account are dropped, event streams get `: ping` heartbeats between
+events, and a body that breaks midway cuts the client's connection instead of ending cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+
+from .. import sse
+from ..errors import ApiError
+from ..relay import IDLE, client_gone, cut_connection, pace
+from ..settings import Settings
+from ..upstream import UpstreamAnswer, UpstreamClient
+
+# RFC 9110 §7.6.1 and older hop-by-hop headers.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+# Never sent upstream: the client's credentials and cookies, the account selectors of our key,
+# headers that describe the client's own connection, and what requests sets itself.
+REQUEST_DROP = HOP_BY_HOP | {
+    "host", "cookie", "authorization", "x-api-key", "api-key", "openai-organization",
+    "openai-project", "content-length", "accept-encoding", "forwarded", "x-forwarded-for",
+    "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "origin",
+    "referer",
+}  # fmt: skip
+# Never passed back: cookies and the identity of the upstream account; length and encoding are
+# recomputed because the body is relayed decoded.
+RESPONSE_DROP = HOP_BY_HOP | {
+    "set-cookie", "openai-organization", "openai-project", "content-length",
+    "content-encoding", "server", "date",
+}  # fmt: skip
+FINAL = ("x-should-retry", "false")
+IDLE_EVERY = 0.5
+
+
+def upstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The client's headers that may reach the upstream."""
+    named = {
+        token.strip().lower() for value in _all(headers, "connection") for token in value.split(",")
+    }
+    return {
+        name: value
+        for name, value in headers.items()
+        if name.lower() not in REQUEST_DROP and name.lower() not in named
+    }
+
+
+def _all(headers, name: str) -> list[str]:
+    getlist = getattr(headers, "getlist", None)
+    return getlist(name) if getlist else [headers.get(name, "")]
+
+
+def client_headers(answer: UpstreamAnswer) -> list[tuple[str, str]]:
+    """The upstream's headers that may reach the client."""
+    named = {t.strip().lower() for t in answer.headers.get("connection", "").split(",")}
+    headers = [
+        (name, value)
+        for name, value in answer.headers.items()
+        if name.lower() not in RESPONSE_DROP and name.lower() not in named
+    ]
+    if answer.status == 429 or answer.status >= 500:
+        headers.append(FINAL)
+    return headers
+
+
+class Passthrough:
+    def __init__(self, settings: Settings, upstream: UpstreamClient):
+        self.settings = settings
+        self.upstream = upstream
+
+    def send(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes | None
+    ) -> UpstreamAnswer:
+        return self.upstream.send(
+            method, path, query=query, headers=upstream_headers(headers), body=body
+        )
+
+    def allowed_models_body(self, answer: UpstreamAnswer) -> bytes:
+        """`GET models` with only the models this server allows."""
+        try:
+            listing = answer.json()
+        finally:
+            answer.close()
+        if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+            raise ApiError("upstream_bad_response", "The upstream's model list is malformed.")
+        listing["data"] = [
+            model
+            for model in listing["data"]
+            if isinstance(model, dict) and self.settings.model_allowed(str(model.get("id", "")))
+        ]
+        return json.dumps(listing).encode()
+
+    def relay(self, answer: UpstreamAnswer, environ: dict) -> Iterator[bytes]:
+        """The upstream's body as it arrives; heartbeats between the events of an event stream."""
+        if "text/event-stream" not in answer.content_type:
+            return self._relay_bytes(answer, environ)
+        return self._relay_events(answer, environ)
+
+    def _relay_bytes(self, answer: UpstreamAnswer, environ: dict) -> Iterator[bytes]:
+        try:
+            yield from answer.iter_bytes()
+        except ApiError:
+            cut_connection(environ)
+        finally:
+            answer.close()
+
+    def _relay_events(self, answer: UpstreamAnswer, environ: dict) -> Iterator[bytes]:
+        reader = sse.EventReader()
+        paced = pace(
+            answer.iter_bytes(),
+            idle_every=IDLE_EVERY,
+            max_seconds=self.settings.max_stream_seconds,
+            on_stop=answer.close,
+        )
+        try:
+            for piece in paced:
+                if piece is IDLE:
+                    if client_gone(environ):
+                        return
+                    if reader.at_boundary:
+                        yield sse.HEARTBEAT
+                    continue
+                for _ in reader.feed(piece):
+                    pass
+                yield piece
+            if not reader.at_boundary:
+                cut_connection(environ)  # the last event was never finished
+        except ApiError as exc:
+            if reader.at_boundary:  # the official SDKs raise on an `error` event
+                yield sse.event("error", exc.body())
+            cut_connection(environ)
+        finally:
+            paced.close()

@@ -1,0 +1,305 @@
+"""The only module that talks to the provider.
+
+One `requests.Session` per worker process keeps connections to the upstream open between
+requests. `UpstreamClient.send` makes the attempts the contract's §5 allows (retries with
+backoff and full jitter, `Retry-After`, key failover) and hands back an `UpstreamAnswer` whose
+body has not been read, so that callers can relay it as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
+
+from .errors import ApiError
+from .keypool import KeyPool, mask_key
+from .settings import Settings
+
+log = logging.getLogger("chatproxy.upstream")
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+BACKOFF_BASE = 0.5  # seconds before the first retry, at most (full jitter)
+BACKOFF_CAP = 8.0
+RETRY_AFTER_CAP = 60.0  # a longer Retry-After is passed to the client instead of waited out
+ERROR_BODY_LIMIT = 1 << 20
+READ_SIZE = 64 * 1024
+QUOTA_REST = 300.0  # seconds an exhausted key rests when the upstream gives no Retry-After
+
+
+@dataclass
+class UpstreamAnswer:
+    """An upstream response whose status is known and whose body is read on demand."""
+
+    response: requests.Response
+    attempts: int
+    read_timeout: float
+    body: bytes | None = None  # already read: error answers are read whole to look inside
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def headers(self):
+        return self.response.headers
+
+    @property
+    def content_type(self) -> str:
+        return self.response.headers.get("Content-Type", "")
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """The body as it arrives, each piece handed on as soon as the socket gives it."""
+        if self.body is not None:
+            if self.body:
+                yield self.body
+            return
+        raw = self.response.raw
+        try:
+            while chunk := raw.read1(READ_SIZE, decode_content=True):
+                yield chunk
+        except ReadTimeoutError:
+            raise ApiError(
+                "upstream_timeout",
+                f"The upstream sent nothing for {self.read_timeout:g} s.",
+            ) from None
+        except (Urllib3Error, OSError, ValueError):
+            if self._closed:
+                return
+            raise ApiError(
+                "upstream_unreachable", "The connection to the upstream broke mid-answer."
+            ) from None
+
+    def read(self, limit: int = ERROR_BODY_LIMIT) -> bytes:
+        """The whole body (at most `limit` bytes); for answers that are small by nature."""
+        if self.body is None:
+            parts, size = [], 0
+            for chunk in self.iter_bytes():
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    break
+            self.body = b"".join(parts)
+        return self.body
+
+    def json(self) -> object:
+        """The body as JSON, or `upstream_bad_response` when it is not JSON."""
+        try:
+            return json.loads(self.read())
+        except ValueError:
+            raise ApiError(
+                "upstream_bad_response", "The upstream answered with invalid JSON."
+            ) from None
+
+    def close(self) -> None:
+        """Closes the upstream connection, also waking a reader blocked on it in another thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.response.raw.shutdown()
+        except (AttributeError, ValueError, RuntimeError, OSError):
+            pass
+        self.response.close()
+
+
+class UpstreamClient:
+    def __init__(self, settings: Settings, pool_size: int = 10):
+        self.settings = settings
+        self.keys = KeyPool(settings.api_keys)
+        self.session = self._session(pool_size)
+
+    def _session(self, pool_size: int) -> requests.Session:
+        session = requests.Session()
+        # Proxies were resolved once from the environment in Settings; without trust_env,
+        # requests neither rescans the environment per request nor lets ~/.netrc replace our
+        # Authorization header.
+        session.trust_env = False
+        session.proxies.update(self.settings.proxies)
+        session.verify = self.settings.ca_bundle or True
+        session.headers.clear()
+        session.headers["User-Agent"] = "chatgpt-proxy"
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def url(self, path: str, query: str = "") -> str:
+        url = f"{self.settings.base_url}/{path.lstrip('/')}"
+        return f"{url}?{query}" if query else url
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> UpstreamAnswer:
+        """The upstream's final answer after the retries §5 allows; raises `ApiError` otherwise.
+
+        Redirects and refused keys raise here, the same for every route; every other status
+        (a final 429 or 5xx included) is returned for the caller to relay or translate.
+        """
+        if not self.keys:
+            raise ApiError(
+                "upstream_not_configured", "No upstream API key is configured on this server."
+            )
+        settings = self.settings
+        url = self.url(path, query)
+        deadline = time.monotonic() + settings.read_timeout
+        refused: set[str] = set()  # keys that failed this request, skipped while others are fresh
+        retries_done = attempts = 0
+        while True:
+            key = self.keys.choose(exclude=refused)
+            attempts += 1
+            remaining = max(deadline - time.monotonic(), 0.05)
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    headers={**(headers or {}), "Authorization": f"Bearer {key}"},
+                    data=body,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(settings.connect_timeout, min(settings.read_timeout, remaining)),
+                )
+            except requests.RequestException as exc:
+                failure, retryable = _classify(exc, settings)
+                log.warning("upstream %s on attempt %d: %s", failure.code, attempts, _brief(exc))
+                delay = _backoff(retries_done)
+                if retryable and self._may_retry(retries_done, delay, deadline):
+                    retries_done += 1
+                    time.sleep(delay)
+                    continue
+                raise failure from None
+
+            answer = UpstreamAnswer(response, attempts, settings.read_timeout)
+            status = answer.status
+            if 300 <= status < 400:
+                answer.close()
+                log.warning("upstream answered a redirect (%d); not followed", status)
+                raise ApiError(
+                    "upstream_bad_response",
+                    "The upstream answered with a redirect.",
+                    headers={"x-should-retry": "false"},
+                )
+            if status in (401, 403):
+                answer.close()
+                self.keys.retire(key)
+                refused.add(key)
+                log.error(
+                    "upstream refused key %s with %d; it rests until restart", mask_key(key), status
+                )
+                if self.keys.has_fresh_key(refused):
+                    continue
+                raise ApiError(
+                    "upstream_auth_failed",
+                    "The upstream refused this server's API key. Ask the administrator to check it.",
+                    headers={"x-should-retry": "false"},
+                )
+            if status not in RETRYABLE_STATUSES:
+                return answer
+
+            answer.read()
+            hinted = retry_after_seconds(answer.headers)
+            if status == 429:
+                exhausted = _error_code(answer.body) == "insufficient_quota"
+                self.keys.rest(
+                    key, hinted if hinted is not None else (QUOTA_REST if exhausted else 1.0)
+                )
+                refused.add(key)
+                log.warning("upstream rate-limited key %s (attempt %d)", mask_key(key), attempts)
+                if self.keys.has_fresh_key(refused):
+                    answer.close()
+                    continue
+                if exhausted:
+                    return answer
+            delay = min(hinted, RETRY_AFTER_CAP) if hinted is not None else _backoff(retries_done)
+            if not self._may_retry(retries_done, delay, deadline):
+                return answer
+            log.info("upstream answered %d; retrying in %.2f s", status, delay)
+            answer.close()
+            retries_done += 1
+            time.sleep(delay)
+
+    def _may_retry(self, retries_done: int, delay: float, deadline: float) -> bool:
+        """Another attempt is allowed while retries remain and it can start before the deadline."""
+        return retries_done < self.settings.retries and time.monotonic() + delay < deadline
+
+
+def retry_after_seconds(headers) -> float | None:
+    """The wait the upstream asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(float(milliseconds) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _backoff(retries_done: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**retries_done))
+
+
+def _classify(exc: requests.RequestException, settings: Settings) -> tuple[ApiError, bool]:
+    """The client's error for a request that got no answer, and whether it may be retried.
+
+    Only failures to connect are retried: once the request was sent, the upstream may have
+    processed (and billed) it, so a timeout or a dropped connection after that is final.
+    """
+    if isinstance(exc, requests.ConnectTimeout):
+        message = f"The upstream did not accept a connection within {settings.connect_timeout:g} s."
+        return ApiError("upstream_timeout", message), True
+    if isinstance(exc, requests.ReadTimeout):
+        message = f"The upstream did not answer within {settings.read_timeout:g} s."
+        return ApiError("upstream_timeout", message), False
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ApiError(
+            "upstream_unreachable", "The TLS handshake with the upstream failed."
+        ), False
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    connect_failed = isinstance(exc, requests.exceptions.ProxyError) or isinstance(
+        reason, NewConnectionError
+    )
+    if connect_failed:
+        return ApiError("upstream_unreachable", "The upstream could not be reached."), True
+    if isinstance(reason, ProtocolError) or isinstance(exc, requests.ConnectionError):
+        message = "The upstream closed the connection without answering."
+        return ApiError("upstream_unreachable", message), False
+    return ApiError("upstream_unreachable", "The request to the upstream failed."), False
+
+
+def _brief(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _error_code(body: bytes | None) -> str | None:
+    try:
+        error = json.loads(body or b"").get("error")
+        return error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        return None
