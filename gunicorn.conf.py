@@ -20,7 +20,7 @@ if worker_class == "gevent":
 
     monkey.patch_all()
 
-from app import log_startup, settings_or_exit  # noqa: E402
+from app import log_startup, logs, settings_or_exit  # noqa: E402
 
 settings = settings_or_exit()  # a bad value stops here, in the master, with one line
 
@@ -34,7 +34,12 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
+# gunicorn's control socket lives in $HOME: two instances on one machine would share it.
+control_socket_disable = True
 loglevel = settings.log_level.lower()
+logconfig_dict = logs.gunicorn_logconfig(settings.log_level, settings.log_format, settings.secrets)
+# No query string: on /callChatGPT it holds the question, and message content stays out of logs.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 forwarded_allow_ips = "*" if settings.trust_proxy_headers else "127.0.0.1,::1"
 
 # The upstream connection pool of each worker matches how many requests it serves at once.
@@ -67,5 +72,6 @@ def on_starting(server):
             flush=True,
         )
         sys.exit(2)
+    logs.configure(settings.log_level, settings.log_format, settings.secrets)
     log_startup(settings)
     os.environ["CHATPROXY_STARTUP_LOGGED"] = "1"

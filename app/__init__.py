@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flask import Flask
 from flask_cors import CORS
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import auth, errors, logs
 from .blueprints import chat, legacy, ops, pages, passthrough
@@ -64,6 +65,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blueprint in (pages.bp, ops.bp, legacy.bp, chat.bp, passthrough.bp):
         app.register_blueprint(blueprint)
     app.after_request(_security_headers)
+    if settings.trust_proxy_headers:
+        hops = settings.trust_proxy_headers
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_prefix=hops)
     if not os.environ.get("CHATPROXY_STARTUP_LOGGED"):  # gunicorn's master said it already
         log_startup(settings)
     return app

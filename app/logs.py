@@ -65,3 +65,24 @@ def configure(level: str, log_format: str, secrets: Collection[str]) -> None:
     logger.handlers[:] = [make_handler(log_format, secrets)]
     logger.setLevel(level)
     logger.propagate = False
+
+
+def gunicorn_logconfig(level: str, log_format: str, secrets: Collection[str]) -> dict:
+    """gunicorn's own loggers in the service's format, through the same redaction."""
+    formatter = {"()": JsonFormatter} if log_format == "json" else {"format": TEXT_FORMAT}
+    handler = {
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+        "formatter": "service",
+        "filters": ["redact"],
+    }
+    logger = {"level": level, "handlers": ["stderr"], "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"service": formatter},
+        "filters": {"redact": {"()": RedactingFilter, "secrets": tuple(secrets)}},
+        "handlers": {"stderr": handler},
+        "loggers": {"gunicorn.error": logger, "gunicorn.access": dict(logger)},
+        "root": {"level": "WARNING", "handlers": ["stderr"]},
+    }

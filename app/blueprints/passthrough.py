@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from io import BytesIO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from flask import Blueprint, Response, current_app, request
 from werkzeug.formparser import parse_form_data
@@ -76,9 +76,10 @@ def _validated_path() -> tuple[str, str]:
     raw_path = target.split("?", 1)[0]
     if "://" in raw_path and not raw_path.startswith("/"):
         raw_path = urlsplit(raw_path).path  # absolute-form request target
-    if not raw_path.startswith("/v1/"):
+    prefix = quote(request.script_root) + "/v1/"  # an app mounted below a path prefix
+    if not raw_path.startswith(prefix):
         raise _invalid_path()
-    raw_path = raw_path.removeprefix("/v1/")
+    raw_path = raw_path.removeprefix(prefix)
     once = unquote(raw_path)
     for form in (raw_path, once, unquote(once)):
         segments = form.split("/")

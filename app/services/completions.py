@@ -76,7 +76,8 @@ class ChatService:
         """Opens the stream; failures before the first byte raise here, as plain errors."""
         answer = self._send(chat, stream=True)
         if "json" in answer.content_type:  # an upstream that ignored "stream": true
-            return ChatStream.of_completion(_completion(_json_body(answer), chat.model), answer)
+            completion = _completion(_json_body(answer), chat.model)
+            return ChatStream(answer, chat.model, 0, completion)
         if "text/event-stream" not in answer.content_type:
             answer.close()
             raise ApiError("upstream_bad_response", "The upstream did not answer with a stream.")
@@ -124,19 +125,16 @@ class ChatService:
 class ChatStream:
     """The upstream's chunks as `Delta`s, a final `Finish`, and `IDLE` while it is silent."""
 
-    def __init__(self, answer: UpstreamAnswer, model: str, max_seconds: float):
-        self.model = model
+    def __init__(
+        self,
+        answer: UpstreamAnswer,
+        model: str,
+        max_seconds: float,
+        completion: Completion | None = None,  # an upstream that answered whole, not streamed
+    ):
+        self.model = completion.model if completion else model
         self._answer = answer
-        self._items = self._read(max_seconds)
-
-    @classmethod
-    def of_completion(cls, completion: Completion, answer: UpstreamAnswer) -> ChatStream:
-        stream = cls.__new__(cls)
-        stream.model = completion.model
-        stream._answer = answer
-        finish = Finish(completion.id, completion.model, completion.finish_reason, completion.usage)
-        stream._items = iter([Delta(completion.content), finish])
-        return stream
+        self._items = self._replay(completion) if completion else self._read(max_seconds)
 
     def __iter__(self) -> Iterator[Delta | Finish | object]:
         return self._items
@@ -146,6 +144,12 @@ class ChatStream:
         if close_items:
             close_items()
         self._answer.close()
+
+    @staticmethod
+    def _replay(completion: Completion) -> Iterator[Delta | Finish]:
+        if completion.content:
+            yield Delta(completion.content)
+        yield Finish(completion.id, completion.model, completion.finish_reason, completion.usage)
 
     def _read(self, max_seconds: float) -> Iterator[Delta | Finish | object]:
         reader = EventReader()
