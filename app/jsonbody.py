@@ -1,4 +1,7 @@
-"""Strict JSON for request bodies.
+"""Request bodies: read within `MAX_REQUEST_BYTES`, and parsed strictly.
+
+A body sent chunked has no length to check up front, and Werkzeug's limit would cut it short
+silently; `read_body` reads one byte past the limit instead, so that it can refuse with 413.
 
 Python's `json` accepts duplicate keys (the last wins), `NaN` and `Infinity`; another parser
 upstream may read the same bytes differently (the first key wins, or an error), so a body could
@@ -8,7 +11,13 @@ name one model to the proxy and another to the provider. Anything ambiguous is r
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
+
+from flask import current_app, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.formparser import parse_form_data
+from werkzeug.wsgi import get_input_stream
 
 from .errors import ApiError
 
@@ -66,3 +75,34 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError("invalid_json", "The body must be a JSON object.")
     return value
+
+
+def read_body() -> bytes:
+    """The request body, or `ApiError("request_too_large")` when it exceeds the limit."""
+    limit = current_app.config["SETTINGS"].max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    stream = get_input_stream(request.environ, max_content_length=None)
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError("request_too_large", f"The request body is larger than {limit} bytes.")
+
+
+def parse_form(raw: bytes) -> MultiDict:
+    """The fields of a url-encoded or multipart body already read into memory."""
+    environ = {
+        "wsgi.input": BytesIO(raw),
+        "CONTENT_LENGTH": str(len(raw)),
+        "CONTENT_TYPE": request.content_type or "",
+        "REQUEST_METHOD": "POST",
+    }
+    try:
+        _, form, _ = parse_form_data(environ, silent=False)
+    except ValueError:
+        raise ApiError("invalid_value", "The form body is malformed.") from None
+    return form

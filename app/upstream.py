@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from http.cookiejar import DefaultCookiePolicy
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -125,6 +126,8 @@ class UpstreamClient:
         # requests neither rescans the environment per request nor lets ~/.netrc replace our
         # Authorization header.
         session.trust_env = False
+        # The upstream's cookies would be sent back for every later client: keep none.
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         session.proxies.update(self.settings.proxies)
         session.verify = self.settings.ca_bundle or True
         session.headers.clear()

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from .. import sse
 from ..errors import ApiError
-from ..jsonbody import parse_json_object
+from ..jsonbody import parse_json_object, read_body
 from ..relay import IDLE, client_gone
 from ..services.completions import ChatRequest, ChatStream, Delta, Finish
 from .params import (
@@ -45,7 +45,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @bp.post("/chat")
 def chat():
     """One turn of a conversation: `message` (a new turn) or `messages` (stateless)."""
-    body = parse_json_object(request.get_data())
+    body = parse_json_object(read_body())
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise ApiError("invalid_value", f"Unknown field '{unknown[0]}'.")

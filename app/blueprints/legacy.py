@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, request
 
 from ..errors import ApiError
-from ..jsonbody import parse_json_object
+from ..jsonbody import parse_form, parse_json_object, read_body
 from ..relay import IDLE, client_gone
 from ..services.completions import ChatRequest, ChatStream, Delta
 from .params import read_flag, read_model, read_options, read_text, with_system
@@ -48,10 +48,10 @@ def _values() -> tuple[dict, bool]:
     values = request.args.to_dict()
     if request.method != "POST":
         return values, True
+    raw = read_body()
     if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        values.update(request.form.to_dict())
+        values.update(parse_form(raw).to_dict())
         return values, True
-    raw = request.get_data()
     if request.is_json or raw.lstrip().startswith(b"{"):
         body = parse_json_object(raw)
         return {**values, **body}, False

@@ -8,15 +8,13 @@ request to the passthrough service and relays its answer untouched.
 from __future__ import annotations
 
 import re
-from io import BytesIO
 from urllib.parse import quote, unquote, urlsplit
 
 from flask import Blueprint, Response, current_app, request
-from werkzeug.formparser import parse_form_data
 from werkzeug.routing import BaseConverter
 
 from ..errors import ApiError
-from ..jsonbody import parse_json
+from ..jsonbody import parse_form, parse_json, read_body
 from ..services.passthrough import client_headers
 
 bp = Blueprint("passthrough", __name__)
@@ -29,7 +27,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 class AnyPathConverter(BaseConverter):
     """Matches every rest of the path, empty segments included, so that they reach validation."""
 
-    regex = ".*"
+    regex = r"[\s\S]*"  # newlines too: an encoded CR/LF must reach validation, not 404
     part_isolating = False
 
 
@@ -49,7 +47,7 @@ def relay(_path: str):
         )
     if path.startswith("models/") and not settings.model_allowed(path.removeprefix("models/")):
         raise ApiError("not_found", f"The model '{path.removeprefix('models/')}' does not exist.")
-    body = request.get_data() if request.method not in ("GET", "HEAD") else None
+    body = read_body() if request.method not in ("GET", "HEAD") else None
     if body:
         _check_model(body)
     passthrough = current_app.extensions["passthrough"]
@@ -106,7 +104,7 @@ def _check_model(body: bytes) -> None:
     if mimetype == "multipart/form-data":
         if not settings.allowed_models:
             return
-        models = _form_values(body, "model")
+        models = parse_form(body).getlist("model")
         if len(models) > 1:
             raise ApiError("invalid_value", "The form names more than one 'model'.")
         model = models[0] if models else None
@@ -121,17 +119,3 @@ def _check_model(body: bytes) -> None:
         raise ApiError("invalid_value", "'model' must be a string.")
     if not settings.model_allowed(model):
         raise ApiError("model_not_allowed", f"The model '{model}' is not allowed on this server.")
-
-
-def _form_values(body: bytes, name: str) -> list[str]:
-    environ = {
-        "wsgi.input": BytesIO(body),
-        "CONTENT_LENGTH": str(len(body)),
-        "CONTENT_TYPE": request.content_type,
-        "REQUEST_METHOD": "POST",
-    }
-    try:
-        _, form, _ = parse_form_data(environ, silent=False)
-    except ValueError:
-        raise ApiError("invalid_value", "The multipart body is malformed.") from None
-    return form.getlist(name)
