@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         app,
         origins=list(settings.cors_origins),
         supports_credentials="*" not in settings.cors_origins,
+        send_wildcard="*" in settings.cors_origins,  # a literal `*`, never a reflected origin
         expose_headers=EXPOSED_HEADERS,
         max_age=600,
     )

@@ -7,10 +7,12 @@ keeping the system messages and the newest user message whatever happens.
 Token counts are estimated, without tiktoken (whose vocabularies are downloaded at run time and
 which knows nothing of non-OpenAI models): a CJK character (Han, kana, Hangul, and full-width
 punctuation) counts one token, any other text one token per four characters, and each message
-four tokens of framing. Against OpenAI's tokenizers (cl100k_base, o200k_base) this is within
-about ±20% for English prose and ±30% for Chinese (cl100k spends up to ~1.3 tokens on a common
-Hanzi, o200k ~0.8); code, URLs and long numbers can run up to 1.5x over. `fit` therefore fills
-only `SAFETY` of the room it computes, and the upstream remains the judge of the exact count.
+four tokens of framing. This is a rule of thumb, not a tokenizer. By the usual published ratios,
+English prose lands within about ±20% of OpenAI's counts; Chinese is over-counted for
+o200k_base models (gpt-4o, gpt-4.1, o-series: ~0.7-1 token per Hanzi) and under-counted by up to
+a third for cl100k_base ones (gpt-4, gpt-3.5-turbo: 1-1.5); code, URLs and long numbers can take
+1.5x the estimate. `fit` therefore fills only `SAFETY` of the room it computes, the answer's reserve
+absorbs the rest, and the upstream remains the judge of the exact count.
 """
 
 from __future__ import annotations

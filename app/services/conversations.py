@@ -28,6 +28,7 @@ MAX_TITLE_LENGTH = 200
 TITLE_WIDTH = 60  # columns; a Chinese, Japanese or Korean character takes two
 DEFAULT_TITLE = "New conversation"
 _TITLE_TRAILING = " \t,.;:!?-–—，。；：！？、"
+_CJK_PAUSES = "，。；：！？、"
 
 
 def title_from(first_message: str, width: int = TITLE_WIDTH) -> str:
@@ -44,9 +45,14 @@ def title_from(first_message: str, width: int = TITLE_WIDTH) -> str:
         used += _columns(line[cut])
         cut += 1
     head = line[:cut]
-    inside_word = line[cut].isalnum() and head[-1:].isalnum() and not _is_wide(line[cut])
-    if inside_word and " " in head and head.rfind(" ") >= len(head) // 2:
-        head = head[: head.rfind(" ")]
+    if _is_wide(line[cut]) or _is_wide(head[-1]):
+        boundary = max(head.rfind(mark) for mark in _CJK_PAUSES)  # a clause, if there is one
+    elif line[cut].isalnum() and head[-1].isalnum():
+        boundary = head.rfind(" ")  # inside a word: back to its start
+    else:
+        boundary = -1
+    if boundary >= len(head) // 2:
+        head = head[:boundary]
     return head.rstrip(_TITLE_TRAILING) + "…"
 
 

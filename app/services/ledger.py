@@ -148,10 +148,13 @@ class Ledger:
         }
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = (
-            dialect.insert(ledger).values(row).on_conflict_do_nothing(index_elements=["request_id"])
+            dialect.insert(ledger)
+            .values(row)
+            .on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(ledger.c.id)  # a row only when inserted (rowcount is unreliable here)
         )
         with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+            return connection.execute(statement).first() is not None
 
     def usage(self, client: str, days: int = 30) -> dict:
         """The client's usage of the last `days` UTC days (today included), per day and model,
