@@ -13,9 +13,9 @@ INSTALL_STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
 # Debian packages the test suite needs. `make test` installs the missing ones with apt-get
-# when it runs as root; otherwise it warns and the tests that need them skip themselves.
-# To add one, append its name: SYSTEM_PACKAGES += redis-server
-SYSTEM_PACKAGES := chromium
+# when it runs as root; otherwise it warns, the browser tests skip themselves and the
+# PostgreSQL tests fail saying what to install. To add one: SYSTEM_PACKAGES += redis-server
+SYSTEM_PACKAGES := chromium postgresql
 
 .PHONY: help install run test lint format clean distclean system-packages
 

@@ -17,7 +17,9 @@ import datetime as dt
 import logging
 import os
 import selectors
+import sqlite3
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -184,14 +186,14 @@ def _sqlite_engine(url: URL) -> Engine:
         )
     else:
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = sa.create_engine(url)
 
     @sa.event.listens_for(engine, "connect")
     def _configure(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
         # busy_timeout first: switching to WAL waits for other processes' locks like any write.
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        _use_wal(cursor)  # readers never block the writer
         cursor.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
         cursor.execute("PRAGMA foreign_keys = ON")  # for ON DELETE CASCADE
         cursor.close()
@@ -199,13 +201,33 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
+def _use_wal(cursor: sqlite3.Cursor) -> None:
+    """Switches the database file to WAL once; later connections find it so.
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once rather
+    than wait when several processes open a new database together: they retry until one wins.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _postgres_engine(url: URL) -> Engine:
     _make_psycopg_cooperative()
     return sa.create_engine(
         url,
         pool_pre_ping=True,  # a server restarted since the last request costs a reconnect, not a 500
-        pool_size=10,
-        max_overflow=20,
+        # Per worker process: statements are short, and workers x 15 must stay under the
+        # server's max_connections (100 by default).
+        pool_size=5,
+        max_overflow=10,
         connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT},
     )
 

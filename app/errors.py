@@ -82,6 +82,9 @@ def render(error: ApiError) -> Response:
         response = jsonify(error.body())
         response.status_code = error.status
     response.headers.update(error.headers)
+    if error.type == "upstream_error" or error.code == "upstream_rate_limited":
+        # The proxy made its retries already; an SDK retrying too would multiply them.
+        response.headers["x-should-retry"] = "false"
     return response
 
 

@@ -30,6 +30,7 @@ class EventReader:
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._skip_lf = False  # the last piece ended in CR: an LF starting the next is its pair
         self._name = ""
         self._data: list[str] = []
 
@@ -38,12 +39,16 @@ class EventReader:
         return not self._buffer and not self._data and not self._name
 
     def feed(self, chunk: bytes) -> Iterator[Event]:
+        if chunk and self._skip_lf:
+            chunk = chunk.removeprefix(b"\n")
+            self._skip_lf = False
         self._buffer += chunk
         while True:
             line, separator, rest = _split_line(self._buffer)
             if not separator:
                 return
             self._buffer = rest
+            self._skip_lf = separator == b"\r" and not rest
             ready = self._line(line.decode("utf-8", errors="replace"))
             if ready is not None:
                 yield ready
@@ -67,13 +72,11 @@ class EventReader:
 
 
 def _split_line(buffer: bytes) -> tuple[bytes, bytes, bytes]:
-    """Splits off the first line ending in LF, CRLF or CR (a CR at the very end may be a CRLF)."""
+    """Splits off the first line ending in LF, CRLF or CR."""
     lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
     if cr == -1 or (lf != -1 and lf < cr):
         if lf == -1:
             return buffer, b"", b""
         return buffer[:lf], b"\n", buffer[lf + 1 :]
-    if cr + 1 == len(buffer):
-        return buffer, b"", b""
     skip = 2 if buffer[cr + 1 : cr + 2] == b"\n" else 1
     return buffer[:cr], b"\r", buffer[cr + skip :]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ class UpstreamAnswer:
     read_timeout: float
     body: bytes | None = None  # already read: error answers are read whole to look inside
     _closed: bool = field(default=False, repr=False)
+    _finished: bool = field(default=False, repr=False)  # the whole body was read
 
     @property
     def status(self) -> int:
@@ -69,6 +72,7 @@ class UpstreamAnswer:
         try:
             while chunk := raw.read1(READ_SIZE, decode_content=True):
                 yield chunk
+            self._finished = True
         except ReadTimeoutError:
             raise ApiError(
                 "upstream_timeout",
@@ -103,15 +107,28 @@ class UpstreamAnswer:
             ) from None
 
     def close(self) -> None:
-        """Closes the upstream connection, also waking a reader blocked on it in another thread."""
+        """Closes the upstream connection, also when a reader in another thread is blocked on it.
+
+        Shutting the socket down wakes that reader and tells the upstream at once; closing the
+        response may then find the reader still inside the buffer, which stops on its own.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._finished:
+            self.response.raw.release_conn()  # read to the end: back to the pool for reuse
+            return
+        connection = getattr(self.response.raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
-            self.response.raw.shutdown()
-        except (AttributeError, ValueError, RuntimeError, OSError):
+            self.response.close()
+        except (RuntimeError, OSError, ValueError):
             pass
-        self.response.close()
 
 
 class UpstreamClient:
@@ -196,7 +213,6 @@ class UpstreamClient:
                 raise ApiError(
                     "upstream_bad_response",
                     "The upstream answered with a redirect.",
-                    headers={"x-should-retry": "false"},
                 )
             if status in (401, 403):
                 answer.close()
@@ -210,7 +226,6 @@ class UpstreamClient:
                 raise ApiError(
                     "upstream_auth_failed",
                     "The upstream refused this server's API key. Ask the administrator to check it.",
-                    headers={"x-should-retry": "false"},
                 )
             if status not in RETRYABLE_STATUSES:
                 return answer
@@ -229,7 +244,9 @@ class UpstreamClient:
                     continue
                 if exhausted:
                     return answer
-            delay = min(hinted, RETRY_AFTER_CAP) if hinted is not None else _backoff(retries_done)
+            if hinted is not None and hinted > RETRY_AFTER_CAP:
+                return answer
+            delay = hinted if hinted is not None else _backoff(retries_done)
             if not self._may_retry(retries_done, delay, deadline):
                 return answer
             log.info("upstream answered %d; retrying in %.2f s", status, delay)
@@ -244,23 +261,27 @@ class UpstreamClient:
 
 def retry_after_seconds(headers) -> float | None:
     """The wait the upstream asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds:
-        try:
-            return max(float(milliseconds) / 1000, 0.0)
-        except ValueError:
-            pass
+    milliseconds = _finite(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return max(milliseconds / 1000, 0.0)
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(seconds, 0.0)
     try:
         return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+
+
+def _finite(value: str | None) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _backoff(retries_done: int) -> float:

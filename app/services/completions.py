@@ -21,7 +21,6 @@ from ..sse import EventReader
 from ..upstream import UpstreamAnswer, UpstreamClient
 
 IDLE_EVERY = 0.5  # seconds of upstream silence between two heartbeats / client checks
-FINAL = {"x-should-retry": "false"}
 
 
 @dataclass(frozen=True)
@@ -106,20 +105,26 @@ class ChatService:
             return ApiError(
                 "upstream_rate_limited",
                 "The upstream provider is rate-limiting this server; retry later.",
-                headers={**FINAL, "Retry-After": retry_after},
+                headers={"Retry-After": retry_after},
             )
         if status == 504:
-            return ApiError("upstream_timeout", "The upstream timed out.", headers=FINAL)
+            return ApiError("upstream_timeout", "The upstream timed out.")
         if status >= 500 or status < 400:
             message = f"The upstream failed with status {status}."
-            return ApiError("upstream_bad_response", message, headers=FINAL)
+            return ApiError("upstream_bad_response", message)
         error = _upstream_error(answer)
         message = redact(
             str(error.get("message") or f"The upstream refused the request ({status})."),
             self.settings.secrets,
         )
         code = error.get("code") if isinstance(error.get("code"), str) else "invalid_value"
-        return ApiError(code, message, status=400, type="invalid_request_error", headers=FINAL)
+        return ApiError(
+            code,
+            message,
+            status=400,
+            type="invalid_request_error",
+            headers={"x-should-retry": "false"},  # the upstream's own verdict: final
+        )
 
 
 class ChatStream:

@@ -98,7 +98,7 @@ class Conversations:
         now = self.clock()
         row = {
             "id": new_id(),
-            "client": clean_text(client),
+            "client": client,
             "title": _valid_title(title),
             "system": clean_text(system) if system else None,
             "model": clean_text(model),

@@ -127,14 +127,12 @@ class Ledger:
         partial: bool = False,
     ) -> bool:
         """Records one upstream call; False when `request_id` is in the ledger already."""
-        prompt_tokens, completion_tokens = (
-            max(int(prompt_tokens), 0),
-            max(int(completion_tokens), 0),
-        )
+        prompt_tokens = max(int(prompt_tokens), 0)
+        completion_tokens = max(int(completion_tokens), 0)
         now = self.clock().astimezone(dt.UTC)
         row = {
             "request_id": clean_text(request_id),
-            "client": clean_text(client),
+            "client": client,
             "model": clean_text(model),
             "endpoint": clean_text(endpoint),
             "prompt_tokens": prompt_tokens,
