@@ -11,11 +11,14 @@ from flask import Flask
 from flask_cors import CORS
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import auth, errors, logs
+from . import auth, db, errors, logs
 from .blueprints import chat, legacy, ops, pages, passthrough
 from .keypool import mask_key
 from .services.completions import ChatService
+from .services.conversations import Conversations
+from .services.ledger import Ledger
 from .services.passthrough import Passthrough
+from .services.turns import ConversationChat
 from .settings import ConfigError, Settings, load_settings
 from .upstream import UpstreamClient
 
@@ -48,10 +51,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False  # `//` in a /v1 path is refused, not redirected
     app.url_map.strict_slashes = False
 
+    engine = db.init_app(app)
     upstream = UpstreamClient(settings, settings.upstream_pool_size)
-    app.extensions["upstream"] = upstream
-    app.extensions["chat"] = ChatService(settings, upstream)
-    app.extensions["passthrough"] = Passthrough(settings, upstream)
+    ledger = Ledger(engine, settings.model_prices)
+    conversations = Conversations(engine)
+    chat_service = ChatService(settings, upstream, ledger)
+    app.extensions.update(
+        upstream=upstream,
+        ledger=ledger,
+        conversations=conversations,
+        chat=chat_service,
+        turns=ConversationChat(settings, chat_service, conversations),
+        passthrough=Passthrough(settings, upstream, ledger),
+    )
 
     errors.init_app(app)
     auth.init_app(app)

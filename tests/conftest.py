@@ -49,13 +49,15 @@ def service_env(
 ) -> dict[str, str]:
     """`base_env`, then what keeps tests independent, then `overrides` (None removes one).
 
-    Each service gets its own database, and a rate limit that a module's tests sharing one
-    service cannot reach; tests of the default limit pass `RATE_LIMIT=None`.
+    Each service gets its own database, a rate limit that a module's tests sharing one
+    service cannot reach (tests of the default limit pass `RATE_LIMIT=None`), and a short
+    graceful stop, which otherwise waits on idle keep-alive connections of finished tests.
     """
     env = {
         **base_env(upstream),
         "DATABASE_URL": f"sqlite:///{workdir / 'chatproxy.db'}",
         "RATE_LIMIT": "10000/minute",
+        "GUNICORN_GRACEFUL_TIMEOUT": "2",
         **(overrides or {}),
     }
     return {name: value for name, value in env.items() if value is not None}
@@ -67,7 +69,6 @@ class Service:
     def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
         self.workdir = workdir
         self.port = _free_port()
-        # Its own HOME: gunicorn keeps a control socket there, which services must not share.
         self.env = {**_clean_env(), "HOME": str(workdir), **env}
         self.log_path = workdir / "service.log"
         self._process: subprocess.Popen[bytes] | None = None

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
+from ..auth import client_name
 from ..errors import ApiError
 from ..jsonbody import parse_form, parse_json_object, read_body
 from ..relay import IDLE, client_gone
@@ -33,13 +34,13 @@ def call_chatgpt():
     )
     chat_service = current_app.extensions["chat"]
     if read_flag("stream", values.get("stream"), from_text=from_text):
-        stream = chat_service.stream(chat)
+        stream = chat_service.stream(chat, client_name(), request.path)
         return Response(
             _text(stream, request.environ),
             mimetype="text/plain",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    answer = chat_service.complete(chat).content.strip()
+    answer = chat_service.complete(chat, client_name(), request.path).content.strip()
     return Response(answer, mimetype="text/plain")
 
 

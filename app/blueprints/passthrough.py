@@ -13,9 +13,10 @@ from urllib.parse import quote, unquote, urlsplit
 from flask import Blueprint, Response, current_app, request
 from werkzeug.routing import BaseConverter
 
+from ..auth import client_name
 from ..errors import ApiError
 from ..jsonbody import parse_form, parse_json, read_body
-from ..services.passthrough import client_headers
+from ..services.passthrough import Metered, client_headers
 
 bp = Blueprint("passthrough", __name__)
 
@@ -48,19 +49,18 @@ def relay(_path: str):
     if path.startswith("models/") and not settings.model_allowed(path.removeprefix("models/")):
         raise ApiError("not_found", f"The model '{path.removeprefix('models/')}' does not exist.")
     body = read_body() if request.method not in ("GET", "HEAD") else None
-    if body:
-        _check_model(body)
+    document = _checked_document(body) if body else None
     passthrough = current_app.extensions["passthrough"]
-    answer = passthrough.send(
-        request.method, raw_path, request.query_string.decode("latin-1"), request.headers, body
-    )
+    query = request.query_string.decode("latin-1")
+    answer = passthrough.send(request.method, raw_path, query, request.headers, body, client_name())
     headers = client_headers(answer)
     if path == "models" and settings.allowed_models and answer.status == 200:
         return Response(passthrough.allowed_models_body(answer), 200, headers)
     if request.method == "HEAD":
         answer.close()
         return Response(b"", answer.status, headers)
-    return Response(passthrough.relay(answer, request.environ), answer.status, headers)
+    metered = Metered(client_name(), f"/v1/{path}", document) if request.method == "POST" else None
+    return Response(passthrough.relay(answer, request.environ, metered), answer.status, headers)
 
 
 def _validated_path() -> tuple[str, str]:
@@ -97,25 +97,27 @@ def _invalid_path() -> ApiError:
     )
 
 
-def _check_model(body: bytes) -> None:
-    """Refuses a body whose model this server does not allow, or that names two models."""
+def _checked_document(body: bytes) -> object:
+    """The JSON document of a JSON body (None for other bodies), after refusing a model this
+    server does not allow, or a body that names two models."""
     settings = current_app.config["SETTINGS"]
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
         if not settings.allowed_models:
-            return
+            return None
         models = parse_form(body).getlist("model")
         if len(models) > 1:
             raise ApiError("invalid_value", "The form names more than one 'model'.")
-        model = models[0] if models else None
+        model, document = (models[0] if models else None), None
     elif mimetype in ("", "application/json") or mimetype.endswith("+json"):
         document = parse_json(body)  # also refuses duplicate keys, NaN and invalid UTF-8
         model = document.get("model") if isinstance(document, dict) else None
     else:
-        return
+        return None
     if model is None or not settings.allowed_models:
-        return
+        return document
     if not isinstance(model, str):
         raise ApiError("invalid_value", "'model' must be a string.")
     if not settings.model_allowed(model):
         raise ApiError("model_not_allowed", f"The model '{model}' is not allowed on this server.")
+    return document

@@ -9,7 +9,8 @@ text, storage — is the caller's business.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..relay import IDLE, pace
 from ..settings import Settings
 from ..sse import EventReader
 from ..upstream import UpstreamAnswer, UpstreamClient
+from .ledger import Ledger, estimate_usage
 
 IDLE_EVERY = 0.5  # seconds of upstream silence between two heartbeats / client checks
 
@@ -60,27 +62,75 @@ class Finish:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, upstream: UpstreamClient):
+    """Chat completions for one client, each answered call written to the ledger once."""
+
+    def __init__(self, settings: Settings, upstream: UpstreamClient, ledger: Ledger):
         self.settings = settings
         self.upstream = upstream
+        self.ledger = ledger
 
-    def complete(self, chat: ChatRequest) -> Completion:
+    def complete(self, chat: ChatRequest, client: str, endpoint: str) -> Completion:
+        self.ledger.check_budget(client, self.settings.daily_token_budget)
         answer = self._send(chat, stream=False)
         try:
-            return _completion(_json_body(answer), chat.model)
+            completion = _completion(_json_body(answer), chat.model)
         finally:
             answer.close()
+        self._record(chat, client, endpoint, completion.model, completion.content, completion.usage)
+        return completion
 
-    def stream(self, chat: ChatRequest) -> ChatStream:
-        """Opens the stream; failures before the first byte raise here, as plain errors."""
+    def stream(self, chat: ChatRequest, client: str, endpoint: str) -> ChatStream:
+        """Opens the stream; failures before the first byte raise here, as plain errors.
+
+        Whatever the stream delivers — all of it, or the part before a failure or before the
+        client left — is written to the ledger when the stream is closed.
+        """
+        self.ledger.check_budget(client, self.settings.daily_token_budget)
         answer = self._send(chat, stream=True)
         if "json" in answer.content_type:  # an upstream that ignored "stream": true
             completion = _completion(_json_body(answer), chat.model)
-            return ChatStream(answer, chat.model, 0, completion)
-        if "text/event-stream" not in answer.content_type:
+            stream = ChatStream(answer, chat.model, 0, completion)
+        elif "text/event-stream" in answer.content_type:
+            stream = ChatStream(answer, chat.model, self.settings.max_stream_seconds)
+        else:
             answer.close()
             raise ApiError("upstream_bad_response", "The upstream did not answer with a stream.")
-        return ChatStream(answer, chat.model, self.settings.max_stream_seconds)
+        stream.on_close(
+            lambda ended: self._record(
+                chat,
+                client,
+                endpoint,
+                ended.model,
+                ended.text,
+                ended.usage,
+                partial=not ended.finished,
+            )
+        )
+        return stream
+
+    def _record(
+        self,
+        chat: ChatRequest,
+        client: str,
+        endpoint: str,
+        model: str,
+        text: str,
+        usage: dict | None,
+        partial: bool = False,
+    ) -> None:
+        estimated = not usage or "prompt_tokens" not in usage
+        if estimated:
+            usage = estimate_usage(chat.messages, text)
+        self.ledger.record(
+            request_id=uuid.uuid4().hex,
+            client=client,
+            model=model,
+            endpoint=endpoint,
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
+            estimated=estimated,
+            partial=partial,
+        )
 
     def _send(self, chat: ChatRequest, stream: bool) -> UpstreamAnswer:
         accept = "text/event-stream" if stream else "application/json"
@@ -138,17 +188,53 @@ class ChatStream:
         completion: Completion | None = None,  # an upstream that answered whole, not streamed
     ):
         self.model = completion.model if completion else model
+        self.finish: Finish | None = None
+        self._parts: list[str] = []
         self._answer = answer
-        self._items = self._replay(completion) if completion else self._read(max_seconds)
+        self._items = self._delivered(
+            self._replay(completion) if completion else self._read(max_seconds)
+        )
+        self._on_close: list[Callable[[ChatStream], None]] = []
+        self._closed = False
+
+    @property
+    def text(self) -> str:
+        """What the stream delivered so far."""
+        return "".join(self._parts)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        return self.finish.usage if self.finish else None
+
+    def on_close(self, callback: Callable[[ChatStream], None]) -> None:
+        """Runs `callback(self)` once, when the stream is closed, however it ended."""
+        self._on_close.append(callback)
+
+    def _delivered(self, items: Iterator[Delta | Finish | object]) -> Iterator:
+        for item in items:
+            if isinstance(item, Delta):
+                self._parts.append(item.content)
+            elif isinstance(item, Finish):
+                self.finish = item
+            yield item
 
     def __iter__(self) -> Iterator[Delta | Finish | object]:
         return self._items
 
     def close(self) -> None:
-        close_items = getattr(self._items, "close", None)
-        if close_items:
-            close_items()
-        self._answer.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._items.close()
+            self._answer.close()
+        finally:
+            for callback in self._on_close:
+                callback(self)
 
     @staticmethod
     def _replay(completion: Completion) -> Iterator[Delta | Finish]:

@@ -8,13 +8,18 @@ events, and a body that breaks midway cuts the client's connection instead of en
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from .. import sse
 from ..errors import ApiError
 from ..relay import IDLE, client_gone, cut_connection, pace
 from ..settings import Settings
 from ..upstream import UpstreamAnswer, UpstreamClient
+from .ledger import Ledger
+from .meter import Meter
 
 # RFC 9110 §7.6.1 and older hop-by-hop headers.
 HOP_BY_HOP = frozenset(
@@ -39,6 +44,15 @@ RESPONSE_DROP = HOP_BY_HOP | {
 }  # fmt: skip
 FINAL = ("x-should-retry", "false")
 IDLE_EVERY = 0.5
+
+
+@dataclass(frozen=True)
+class Metered:
+    """Who is charged for a relayed answer, and what they asked (to estimate missing usage)."""
+
+    client: str
+    endpoint: str
+    request_json: Any
 
 
 def upstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -72,13 +86,22 @@ def client_headers(answer: UpstreamAnswer) -> list[tuple[str, str]]:
 
 
 class Passthrough:
-    def __init__(self, settings: Settings, upstream: UpstreamClient):
+    def __init__(self, settings: Settings, upstream: UpstreamClient, ledger: Ledger):
         self.settings = settings
         self.upstream = upstream
+        self.ledger = ledger
 
     def send(
-        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes | None
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        client: str,
     ) -> UpstreamAnswer:
+        if method == "POST":
+            self.ledger.check_budget(client, self.settings.daily_token_budget)
         return self.upstream.send(
             method, path, query=query, headers=upstream_headers(headers), body=body
         )
@@ -98,21 +121,61 @@ class Passthrough:
         ]
         return json.dumps(listing).encode()
 
-    def relay(self, answer: UpstreamAnswer, environ: dict) -> Iterator[bytes]:
-        """The upstream's body as it arrives; heartbeats between the events of an event stream."""
-        if "text/event-stream" not in answer.content_type:
-            return self._relay_bytes(answer, environ)
-        return self._relay_events(answer, environ)
+    def relay(
+        self, answer: UpstreamAnswer, environ: dict, metered: Metered | None = None
+    ) -> Iterator[bytes]:
+        """The upstream's body as it arrives; heartbeats between the events of an event stream.
 
-    def _relay_bytes(self, answer: UpstreamAnswer, environ: dict) -> Iterator[bytes]:
+        With `metered`, what the answer spent goes to the ledger once the relay ends, however
+        it ends (a cut stream is marked partial).
+        """
+        meter = Meter(metered.request_json) if metered and 200 <= answer.status < 300 else None
+        relayed = (
+            self._relay_events(answer, environ, meter)
+            if "text/event-stream" in answer.content_type
+            else self._relay_bytes(answer, environ, meter)
+        )
+        if meter is None:
+            return relayed
+        return self._metered(relayed, meter, metered)
+
+    def _metered(self, relayed: Iterator[bytes], meter: Meter, metered: Metered) -> Iterator[bytes]:
+        whole = False
         try:
-            yield from answer.iter_bytes()
+            yield from relayed
+            whole = not meter.cut
+        finally:
+            relayed.close()
+            prompt, completion, estimated = meter.tokens()
+            self.ledger.record(
+                request_id=uuid.uuid4().hex,
+                client=metered.client,
+                model=meter.model or "unknown",
+                endpoint=metered.endpoint,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                estimated=estimated,
+                partial=not whole,
+            )
+
+    def _relay_bytes(
+        self, answer: UpstreamAnswer, environ: dict, meter: Meter | None
+    ) -> Iterator[bytes]:
+        try:
+            for piece in answer.iter_bytes():
+                if meter:
+                    meter.body(piece)
+                yield piece
         except ApiError:
+            if meter:
+                meter.cut = True
             cut_connection(environ)
         finally:
             answer.close()
 
-    def _relay_events(self, answer: UpstreamAnswer, environ: dict) -> Iterator[bytes]:
+    def _relay_events(
+        self, answer: UpstreamAnswer, environ: dict, meter: Meter | None
+    ) -> Iterator[bytes]:
         reader = sse.EventReader()
         paced = pace(
             answer.iter_bytes(),
@@ -128,12 +191,17 @@ class Passthrough:
                     if reader.at_boundary:
                         yield sse.HEARTBEAT
                     continue
-                for _ in reader.feed(piece):
-                    pass
+                for event in reader.feed(piece):
+                    if meter:
+                        meter.event(event)
                 yield piece
             if not reader.at_boundary:
+                if meter:
+                    meter.cut = True
                 cut_connection(environ)  # the last event was never finished
         except ApiError as exc:
+            if meter:
+                meter.cut = True
             if reader.at_boundary:  # the official SDKs raise on an `error` event
                 yield sse.event("error", exc.body())
             cut_connection(environ)

@@ -1,0 +1,80 @@
+"""What a `/v1` answer spent, read from the bytes as they are relayed.
+
+The upstream's own figures win: `usage` in a JSON answer, in a chat stream's last chunk, or in
+a Responses stream's `response.completed` event. An answer without them (a stream the client
+did not ask usage for, one cut short, audio) is counted from the text and marked estimated.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..sse import Event
+from .context import estimate_prompt_tokens, estimate_tokens
+
+BODY_LIMIT = 4 * 1024 * 1024  # a larger JSON answer is relayed but not read for its usage
+
+
+class Meter:
+    def __init__(self, request_json: Any):
+        self.request = request_json if isinstance(request_json, dict) else {}
+        self.model = str(self.request.get("model") or "")
+        self.usage: dict[str, Any] | None = None
+        self._text: list[str] = []
+        self._body = bytearray()
+        self.cut = False  # the relay broke off before the answer's end
+
+    def body(self, chunk: bytes) -> None:
+        """A piece of a JSON answer."""
+        if len(self._body) <= BODY_LIMIT:
+            self._body += chunk
+
+    def event(self, event: Event) -> None:
+        """One event of a stream."""
+        if not event.data.startswith("{"):
+            return
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            self._read(data.get("response") if isinstance(data.get("response"), dict) else data)
+            delta = data.get("delta")
+            if isinstance(delta, str):  # Responses API text deltas
+                self._text.append(delta)
+
+    def tokens(self) -> tuple[int, int, bool]:
+        """(prompt tokens, completion tokens, estimated)."""
+        if self._body:
+            try:
+                answer = json.loads(self._body)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict):
+                self._read(answer)
+        usage = self.usage or {}
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+        if isinstance(prompt, int) and isinstance(completion, int):
+            return prompt, completion, False
+        return self._estimated_prompt(), estimate_tokens("".join(self._text)), True
+
+    def _read(self, data: dict) -> None:
+        self.model = str(data.get("model") or self.model)
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+        for choice in data.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            part = (choice.get("delta") or choice.get("message") or {}).get("content")
+            part = part if isinstance(part, str) else choice.get("text")
+            if isinstance(part, str):
+                self._text.append(part)
+
+    def _estimated_prompt(self) -> int:
+        messages = self.request.get("messages")
+        if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+            return estimate_prompt_tokens(messages)
+        prompt = self.request.get("input", self.request.get("prompt", ""))
+        return estimate_tokens(prompt if isinstance(prompt, str) else json.dumps(prompt))
