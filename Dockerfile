@@ -26,13 +26,15 @@ FROM python:3.11-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/srv/chatgpt-proxy \
     BIND=0.0.0.0:8000
 
 RUN useradd --system --user-group --uid 10001 --home-dir /srv/chatgpt-proxy --no-create-home chatproxy
 
 WORKDIR /srv/chatgpt-proxy
 COPY --from=build /opt/venv /opt/venv
-# The repository layout: the app finds templates/ and static/ beside its package.
+# The repository layout: the app finds templates/ and static/ beside its package, so the
+# package is imported from here (PYTHONPATH) rather than from the venv's copy.
 COPY app ./app
 COPY templates ./templates
 COPY static ./static

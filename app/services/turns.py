@@ -53,7 +53,11 @@ class ConversationChat:
     def reply_stream(self, client: str, turn: Turn) -> tuple[str, ChatStream]:
         conversation, request = self._request(client, turn)
         stream = self.chat.stream(request, client, ENDPOINT)
-        conversation_id = self._store_question(client, turn, conversation, request.model)
+        try:
+            conversation_id = self._store_question(client, turn, conversation, request.model)
+        except BaseException:
+            stream.close()
+            raise
 
         def store_answer(ended: ChatStream) -> None:
             if ended.text or ended.finished:
