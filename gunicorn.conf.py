@@ -33,12 +33,12 @@ threads = int(os.environ.get("GUNICORN_THREADS", "1"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
-accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 # gunicorn's control socket lives in $HOME: two instances on one machine would share it.
 control_socket_disable = True
 loglevel = settings.log_level.lower()
 logconfig_dict = logs.gunicorn_logconfig(settings.log_level, settings.log_format, settings.secrets)
-# No query string: on /callChatGPT it holds the question, and message content stays out of logs.
+# One access line per request, on stderr with the service's other lines (logconfig_dict). No
+# query string: on /callChatGPT it holds the question, and message content stays out of logs.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 forwarded_allow_ips = "*" if settings.trust_proxy_headers else "127.0.0.1,::1"
 

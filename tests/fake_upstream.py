@@ -253,6 +253,9 @@ class FakeUpstream:
 
 
 class _Server(ThreadingHTTPServer):
+    # Load tests open hundreds of connections at once: socketserver's default backlog of 5
+    # would make the kernel drop some of them after the request was sent.
+    request_queue_size = 1024
     daemon_threads = True
 
     def __init__(self, fake: FakeUpstream) -> None:
