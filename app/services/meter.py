@@ -23,7 +23,7 @@ class Meter:
         self.usage: dict[str, Any] | None = None
         self._text: list[str] = []
         self._body = bytearray()
-        self.cut = False  # the relay broke off before the answer's end
+        self.whole = False  # set once the answer was relayed to its end
 
     def body(self, chunk: bytes) -> None:
         """A piece of a JSON answer."""

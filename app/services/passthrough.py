@@ -126,24 +126,22 @@ class Passthrough:
     ) -> Iterator[bytes]:
         """The upstream's body as it arrives; heartbeats between the events of an event stream.
 
-        With `metered`, what the answer spent goes to the ledger once the relay ends, however
-        it ends (a cut stream is marked partial).
+        With `metered`, what a successful answer spent goes to the ledger once the relay ends,
+        however it ends: only an answer relayed to its end is whole, anything else is partial.
         """
-        meter = Meter(metered.request_json) if metered and 200 <= answer.status < 300 else None
+        meter = Meter(metered.request_json if metered else None)
         relayed = (
             self._relay_events(answer, environ, meter)
             if "text/event-stream" in answer.content_type
             else self._relay_bytes(answer, environ, meter)
         )
-        if meter is None:
+        if metered is None or not 200 <= answer.status < 300:
             return relayed
         return self._metered(relayed, meter, metered)
 
     def _metered(self, relayed: Iterator[bytes], meter: Meter, metered: Metered) -> Iterator[bytes]:
-        whole = False
         try:
             yield from relayed
-            whole = not meter.cut
         finally:
             relayed.close()
             prompt, completion, estimated = meter.tokens()
@@ -155,27 +153,21 @@ class Passthrough:
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 estimated=estimated,
-                partial=not whole,
+                partial=not meter.whole,
             )
 
-    def _relay_bytes(
-        self, answer: UpstreamAnswer, environ: dict, meter: Meter | None
-    ) -> Iterator[bytes]:
+    def _relay_bytes(self, answer: UpstreamAnswer, environ: dict, meter: Meter) -> Iterator[bytes]:
         try:
             for piece in answer.iter_bytes():
-                if meter:
-                    meter.body(piece)
+                meter.body(piece)
                 yield piece
+            meter.whole = True
         except ApiError:
-            if meter:
-                meter.cut = True
             cut_connection(environ)
         finally:
             answer.close()
 
-    def _relay_events(
-        self, answer: UpstreamAnswer, environ: dict, meter: Meter | None
-    ) -> Iterator[bytes]:
+    def _relay_events(self, answer: UpstreamAnswer, environ: dict, meter: Meter) -> Iterator[bytes]:
         reader = sse.EventReader()
         paced = pace(
             answer.iter_bytes(),
@@ -192,16 +184,13 @@ class Passthrough:
                         yield sse.HEARTBEAT
                     continue
                 for event in reader.feed(piece):
-                    if meter:
-                        meter.event(event)
+                    meter.event(event)
                 yield piece
-            if not reader.at_boundary:
-                if meter:
-                    meter.cut = True
+            if reader.at_boundary:
+                meter.whole = True
+            else:
                 cut_connection(environ)  # the last event was never finished
         except ApiError as exc:
-            if meter:
-                meter.cut = True
             if reader.at_boundary:  # the official SDKs raise on an `error` event
                 yield sse.event("error", exc.body())
             cut_connection(environ)
