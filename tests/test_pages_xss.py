@@ -18,7 +18,15 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.fake_upstream import FakeUpstream, stream
-from tests.test_pages import Pages, answer_body, ask, wait_for_answer
+from tests.test_pages import (
+    Pages,
+    Tokens,
+    answer_body,
+    ask,
+    stored_conversations,
+    token_service,
+    wait_for_answer,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -30,6 +38,8 @@ pytest_plugins = ["tests.browser"]
 pytestmark = pytest.mark.browser
 
 EVIL_HOST = "evil.example"
+# What the chat page itself asks of its own server besides the page, its files and /chat.
+OWN_API = ("/chat/conversations", "/usage")
 PAYLOADS = [
     "<img src=x onerror=window.__pwned=1>",
     "<img src=x onerror=\"fetch('http://evil.example/img')\">",
@@ -108,10 +118,21 @@ def pieces(layout: str) -> list[str]:
     return chunks
 
 
+TOKENS = Tokens("xss")
+
+
+@pytest.fixture(scope="module")
+def service(
+    upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """A service whose clients are tokens, so that each test has a conversation list of its own."""
+    yield from token_service(upstream_server, tmp_path_factory, TOKENS)
+
+
 @pytest.fixture
 def pages(browser: Browser, page_log: PageLog, service: Service) -> Iterator[Pages]:
     """`Pages` whose every document runs `DOM_WATCH` from its first byte."""
-    opened = Pages(browser, page_log, init_scripts=[DOM_WATCH])
+    opened = Pages(browser, page_log, init_scripts=[DOM_WATCH], tokens=TOKENS)
     yield opened
     opened.close()
 
@@ -135,7 +156,7 @@ def assert_nothing_ran(page: Page, pages: Pages) -> None:
         url
         for url in pages.log.requests
         if urlsplit(url).path not in ("/", "/qa", "/chat", "/callChatGPT")
-        and not urlsplit(url).path.startswith("/static/")
+        and not urlsplit(url).path.startswith(("/static/", *OWN_API))
     ]
     assert not others, f"requests beyond the page's own (from {own.netloc}): {others}"
     assert not [url for url in pages.log.requests if EVIL_HOST in url]
@@ -185,6 +206,25 @@ def test_a_conversation_titled_with_html_shows_it_as_text(
     expect(page.locator("#conversation-list .conversation-open")).to_have_text([title])
     expect(page.locator("#conversation-title")).to_have_text(title)
     assert_nothing_ran(page, pages)
+
+    # Renamed to more HTML in place, then read back by another browser from the server.
+    renamed = '<iframe srcdoc="<script>parent.__pwned=2</script>"></iframe><b>bold?</b>'
+    page.locator(".conversation-rename").click()
+    page.locator(".conversation-title-input").fill(renamed)
+    page.locator(".conversation-title-input").press("Enter")
+    expect(page.locator("#conversation-list .conversation-open")).to_have_text([renamed])
+    expect(page.locator("#conversation-title")).to_have_text(renamed)
+    assert [c["title"] for c in stored_conversations(service, pages.token)] == [renamed]
+    assert_nothing_ran(page, pages)
+
+    elsewhere = pages.open(service.url)
+    expect(elsewhere.locator("#conversation-list .conversation-open")).to_have_text([renamed])
+    elsewhere.locator(".conversation-delete").click()
+    expect(elsewhere.locator("#delete-dialog-text")).to_contain_text(renamed)
+    elsewhere.locator("#delete-cancel").click()
+    elsewhere.locator("#conversation-list .conversation-open").click()
+    expect(elsewhere.locator("#conversation-title")).to_have_text(renamed)
+    assert_nothing_ran(elsewhere, pages)
 
 
 def test_the_qa_page_shows_the_payloads_as_text(

@@ -151,6 +151,9 @@ const Api = (() => {
       }
       if (response.status !== 401 || attempt >= MAX_TOKEN_PROMPTS) return response;
 
+      // The page makes several calls at once: another one may have got a new token meanwhile.
+      const current = getToken();
+      if (current && current !== token) continue;
       if (token) setToken(""); // refused: do not send it again
       const fresh = await askForToken(Boolean(token));
       if (!fresh) return response;
@@ -236,6 +239,8 @@ const Api = (() => {
         return t("error.network");
       case "stream_interrupted":
         return t("error.cutOff");
+      case "conversation_not_found":
+        return t("error.conversationGone");
       default:
         return error.detail || (error.status ? t("error.http", { status: error.status }) : t("error.network"));
     }

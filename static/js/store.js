@@ -1,27 +1,40 @@
 "use strict";
 
 /*
- * Where conversations live. For now: this browser's localStorage, and every
- * question is a stateless `/chat` call that sends the whole history as
- * `messages`. When the server stores conversations (`message` +
- * `conversation_id`, `GET /chat/conversations`), only this module changes:
- * list/load/save/remove become fetches, requestBody() sends the new message
- * with the conversation_id, and started() records the id the server returns.
- * Every method that could touch the network already returns a Promise.
+ * Where conversations live: on the server (CONTRACT §3), so that they survive a
+ * reload and are the same in every browser and device that uses the same
+ * access token. A question is `POST /chat` with `message` and, after the
+ * first turn, the `conversation_id` that the server's `start` event named;
+ * the server keeps the history and sends it upstream itself.
  *
- * A conversation is
- *   { id, title, createdAt, updatedAt,
+ * This browser's localStorage keeps only what the server does not:
+ *  - the settings of each conversation (model, temperature, max tokens),
+ *    keyed by its id, and the settings a new conversation starts with
+ *    (system prompt included: the server fixes it when a conversation starts);
+ *  - notes on answers written in this browser (model, token usage, finish
+ *    reason, stopped by the user), keyed by conversation id and a hash of the
+ *    answer's text, since the server returns neither usage nor its messages'
+ *    ids with a streamed answer. Another browser shows the same answers
+ *    without these notes.
+ *
+ * A conversation in the page is
+ *   { id, title, system, model,
  *     settings: { model, system, temperature, maxTokens },
- *     messages: [{ role, content, model?, usage?, finishReason?, stopped?, error? }] }
- * where `error` is { code, status, detail, retryAfter } so that it can be worded
- * again in another language.
+ *     messages: [{ role, content, stored, partial?, model?, usage?, finishReason?, stopped?, error? }] }
+ * where `stored` says whether the server has the message (a question refused
+ * before its answer began is not stored) and `error` is
+ * { code, status, detail, retryAfter } so that it can be worded again in another language.
  */
 const Store = (() => {
-  const CONVERSATIONS_KEY = "chatproxy.conversations.v1";
   const DEFAULTS_KEY = "chatproxy.defaultSettings";
+  const LOCAL_PREFIX = "chatproxy.conversation.";
+  const PAGE_SIZE = 30;
+  const MAX_PAGE = 200; // the server's largest `limit`
   const TITLE_LENGTH = 60;
 
   const EMPTY_SETTINGS = { model: "", system: "", temperature: null, maxTokens: null };
+
+  // --- localStorage -------------------------------------------------------------
 
   function read(key, fallback) {
     try {
@@ -33,22 +46,32 @@ const Store = (() => {
 
   function write(key, value) {
     try {
-      localStorage.setItem(key, JSON.stringify(value));
+      if (value == null) localStorage.removeItem(key);
+      else localStorage.setItem(key, JSON.stringify(value));
     } catch (error) {
-      // Full or disabled storage: the page keeps working, it just forgets on reload.
+      // Full or disabled storage: the page keeps working, it just forgets these notes on reload.
       console.warn("Could not save to localStorage:", error.name);
     }
   }
 
-  function newId() {
-    // crypto.randomUUID exists only in secure contexts; plain http on a LAN is not one.
-    return crypto.randomUUID?.() ?? Date.now().toString(36) + Math.random().toString(36).slice(2);
+  /** What this browser keeps about conversation `id`: { settings, answers }. */
+  function local(id) {
+    const kept = read(LOCAL_PREFIX + id, {});
+    return { settings: kept.settings || {}, answers: kept.answers || {} };
   }
 
-  function titleFrom(messages) {
-    const first = messages.find((message) => message.role === "user");
-    const line = (first?.content || "").trim().split("\n")[0];
-    return line.length > TITLE_LENGTH ? line.slice(0, TITLE_LENGTH - 1) + "…" : line;
+  function writeLocal(id, kept) {
+    write(LOCAL_PREFIX + id, kept);
+  }
+
+  /** A short, stable fingerprint of an answer's text (FNV-1a, 32 bits, and the length). */
+  function fingerprint(text) {
+    let hash = 0x811c9dc5;
+    for (let i = 0; i < text.length; i++) {
+      hash ^= text.charCodeAt(i);
+      hash = Math.imul(hash, 0x01000193) >>> 0;
+    }
+    return `${text.length}:${hash.toString(36)}`;
   }
 
   /** Settings a new conversation starts with: the last ones the user chose. */
@@ -60,58 +83,162 @@ const Store = (() => {
     write(DEFAULTS_KEY, settings);
   }
 
-  /** A conversation that is not saved until its first message is sent. */
-  function draft() {
-    const now = Date.now();
-    return { id: null, title: "", createdAt: now, updatedAt: now, settings: defaultSettings(), messages: [] };
+  /** Keep a stored conversation's own settings; its system prompt is the server's. */
+  function saveSettings(conversation) {
+    if (!conversation.id) return;
+    const kept = local(conversation.id);
+    const { model, temperature, maxTokens } = conversation.settings;
+    kept.settings = { model, temperature, maxTokens };
+    writeLocal(conversation.id, kept);
   }
 
-  /** Summaries {id, title, updatedAt}, most recently used first. */
-  async function list() {
-    return Object.values(read(CONVERSATIONS_KEY, {}))
-      .map(({ id, title, updatedAt }) => ({ id, title, updatedAt }))
-      .sort((a, b) => b.updatedAt - a.updatedAt);
+  /** Keep what the server does not return about a finished or stopped answer. */
+  function rememberAnswer(conversation, message) {
+    if (!conversation.id || !message.content) return;
+    const note = {};
+    if (message.model) note.model = message.model;
+    if (message.usage) note.usage = message.usage;
+    if (message.finishReason) note.finishReason = message.finishReason;
+    if (message.stopped) note.stopped = true;
+    if (!Object.keys(note).length) return;
+    const kept = local(conversation.id);
+    kept.answers[fingerprint(message.content)] = note;
+    writeLocal(conversation.id, kept);
   }
 
-  async function load(id) {
-    return read(CONVERSATIONS_KEY, {})[id] ?? null;
+  function forget(id) {
+    write(LOCAL_PREFIX + id, null);
   }
 
-  async function save(conversation) {
-    conversation.id ||= newId();
-    conversation.title ||= titleFrom(conversation.messages);
-    conversation.updatedAt = Date.now();
-    const all = read(CONVERSATIONS_KEY, {});
-    all[conversation.id] = conversation;
-    write(CONVERSATIONS_KEY, all);
-    return conversation;
+  // --- the server ---------------------------------------------------------------
+
+  /** The JSON of a successful call, null for 204; an Api.ApiError otherwise. */
+  async function call(path, options = {}) {
+    const response = await Api.request(path, options);
+    if (!response.ok) throw await Api.errorFrom(response);
+    return response.status === 204 ? null : response.json();
   }
 
-  async function remove(id) {
-    const all = read(CONVERSATIONS_KEY, {});
-    delete all[id];
-    write(CONVERSATIONS_KEY, all);
-  }
+  const path = (id) => `/chat/conversations/${encodeURIComponent(id)}`;
 
-  /** The JSON body of POST /chat that asks for the next assistant message. */
-  function requestBody(conversation) {
-    const { model, system, temperature, maxTokens } = conversation.settings;
-    const body = {
-      // Failed answers (empty content) are left out; stopped partial answers stay, as the user saw them.
-      messages: conversation.messages
-        .filter((message) => message.content)
-        .map(({ role, content }) => ({ role, content })),
-      stream: true,
+  function summary(item) {
+    return {
+      id: String(item.id),
+      title: String(item.title ?? ""),
+      model: item.model ?? "",
+      updatedAt: item.updated_at,
+      messageCount: item.message_count,
     };
+  }
+
+  /**
+   * One page of the client's conversations, newest first: { items, more }.
+   * `before` is the id of the last conversation already shown; `limit` lets
+   * a refresh fetch again as many as are shown.
+   */
+  async function list({ before = null, limit = PAGE_SIZE } = {}) {
+    limit = Math.min(MAX_PAGE, Math.max(1, limit));
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (before) query.set("before", before);
+    const { data = [] } = await call(`/chat/conversations?${query}`);
+    return { items: data.map(summary), more: data.length === limit };
+  }
+
+  /** A stored conversation with its messages, and this browser's notes on them. */
+  async function load(id) {
+    const stored = await call(path(id));
+    const kept = local(stored.id);
+    // No model named (""): the server goes on with the conversation's own (`stored.model`).
+    const settings = { ...EMPTY_SETTINGS, ...kept.settings, system: stored.system || "" };
+    const messages = (stored.messages || [])
+      .filter((message) => message.role === "user" || message.role === "assistant")
+      .map((message) => {
+        const shown = { role: message.role, content: String(message.content ?? ""), stored: true };
+        if (message.role === "assistant") {
+          if (message.partial) shown.partial = true;
+          Object.assign(shown, kept.answers[fingerprint(shown.content)] || {});
+        }
+        return shown;
+      });
+    return {
+      id: stored.id,
+      title: stored.title || "",
+      system: stored.system || "",
+      model: stored.model || "",
+      settings,
+      messages,
+    };
+  }
+
+  /** PATCH the title; resolves with the server's summary. */
+  async function rename(id, title) {
+    const body = JSON.stringify({ title });
+    return summary(await call(path(id), { method: "PATCH", headers: { "Content-Type": "application/json" }, body }));
+  }
+
+  /** DELETE it on the server (for every device), and this browser's notes. Already gone counts as done. */
+  async function remove(id) {
+    try {
+      await call(path(id), { method: "DELETE" });
+    } catch (error) {
+      if (error.code !== "conversation_not_found") throw error;
+    }
+    forget(id);
+  }
+
+  /** The client's usage today (UTC): the `total` of GET /usage?days=1. */
+  async function usageToday() {
+    const { total } = await call("/usage?days=1");
+    return total;
+  }
+
+  // --- asking -------------------------------------------------------------------
+
+  function titleFrom(text) {
+    const line = text.trim().split("\n")[0];
+    return line.length > TITLE_LENGTH ? line.slice(0, TITLE_LENGTH - 1) + "…" : line;
+  }
+
+  /** A conversation that exists only in the page until its first answer starts. */
+  function draft() {
+    return { id: null, title: "", system: "", model: "", settings: defaultSettings(), messages: [] };
+  }
+
+  /** The JSON body of POST /chat that asks `text` as the next turn of `conversation`. */
+  function requestBody(conversation, text) {
+    const { model, system, temperature, maxTokens } = conversation.settings;
+    const body = { message: text, stream: true };
+    if (conversation.id) body.conversation_id = conversation.id;
+    else if (system?.trim()) body.system = system.trim(); // the server keeps it with the new conversation
     if (model) body.model = model;
-    if (system?.trim()) body.system = system.trim();
     if (temperature != null) body.temperature = temperature;
     if (maxTokens != null) body.max_tokens = maxTokens;
     return body;
   }
 
-  /** The server's `start` event arrived; a server-side store would keep its conversation_id. */
-  function started(_conversation, _start) {}
+  /** The `start` event arrived: a new conversation now has the server's id. */
+  function started(conversation, start) {
+    if (conversation.id || !start?.conversation_id) return;
+    conversation.id = String(start.conversation_id);
+    conversation.title ||= titleFrom(conversation.messages.find((m) => m.role === "user")?.content || "");
+    conversation.system = conversation.settings.system?.trim() || "";
+    conversation.model = start.model || "";
+    saveSettings(conversation);
+  }
 
-  return { draft, list, load, save, remove, requestBody, started, defaultSettings, rememberDefaults };
+  return {
+    PAGE_SIZE,
+    draft,
+    list,
+    load,
+    rename,
+    remove,
+    usageToday,
+    requestBody,
+    started,
+    saveSettings,
+    rememberAnswer,
+    defaultSettings,
+    rememberDefaults,
+  };
 })();
