@@ -334,6 +334,15 @@ def test_get_conversation_has_the_contracts_shape(service: Service, upstream: Fa
     assert (user["role"], user["content"]) == ("user", "Shape check")
     assert (assistant["role"], assistant["content"]) == ("assistant", DEFAULT_REPLY)
     assert user["created_at"] <= assistant["created_at"]
+    # An answer keeps the model that wrote it and the usage the upstream reported for it.
+    served = upstream.requests[-1].json
+    assert assistant["model"] == "gpt-4o-mini"
+    assert assistant["usage"]["completion_tokens"] == len(DEFAULT_REPLY.split())
+    assert assistant["usage"]["total_tokens"] == sum(
+        assistant["usage"][k] for k in ("prompt_tokens", "completion_tokens")
+    )
+    assert served["messages"][-1]["content"] == "Shape check"
+    assert user["usage"] is None
 
 
 def test_patch_with_a_title_renames_and_answers_the_summary(service: Service) -> None:

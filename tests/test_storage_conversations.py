@@ -84,7 +84,7 @@ def test_messages_come_back_in_order_with_the_contracts_fields(store, clock):
         model="gpt-4o-mini-2024-07-18",
         usage={"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
     )
-    assert set(answer) == {"id", "role", "content", "created_at", "partial"}
+    assert set(answer) == {"id", "role", "content", "created_at", "partial", "model", "usage"}
 
     conversation = store.get("alice", conversation_id)
     assert {"id", "title", "system", "model", "messages"} <= set(conversation)

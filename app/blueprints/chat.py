@@ -150,10 +150,6 @@ def list_conversations():
 def get_conversation(conversation_id: str):
     """One conversation with its messages, oldest first."""
     conversation = current_app.extensions["conversations"].get(client_name(), conversation_id)
-    conversation["messages"] = [
-        {key: m[key] for key in ("id", "role", "content", "created_at", "partial")}
-        for m in conversation["messages"]
-    ]
     return jsonify(
         {key: conversation[key] for key in ("id", "title", "system", "model", "messages")}
     )

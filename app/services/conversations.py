@@ -299,4 +299,18 @@ def _message(row: Any) -> dict:
         "content": row["content"],
         "created_at": iso(row["created_at"]),
         "partial": row["partial"],
+        "model": row["model"],
+        "usage": _usage(row["prompt_tokens"], row["completion_tokens"]),
+    }
+
+
+def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> dict | None:
+    """A stored answer's token counts, as the upstream reported them (None when it did not)."""
+    if prompt_tokens is None and completion_tokens is None:
+        return None
+    prompt, completion = prompt_tokens or 0, completion_tokens or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }

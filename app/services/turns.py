@@ -60,7 +60,9 @@ class ConversationChat:
             raise
 
         def store_answer(ended: ChatStream) -> None:
-            if ended.text or ended.finished:
+            if not (ended.text or ended.finished):
+                return
+            try:
                 self.conversations.add_message(
                     client,
                     conversation_id,
@@ -70,6 +72,9 @@ class ConversationChat:
                     model=ended.model,
                     usage=ended.usage,
                 )
+            except ApiError as exc:  # deleted while its answer was streaming: nothing to keep
+                if exc.code != "conversation_not_found":
+                    raise
 
         stream.on_close(store_answer)
         return conversation_id, stream
