@@ -16,6 +16,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # when it runs as root; otherwise it warns, the browser tests skip themselves and the
 # PostgreSQL tests fail saying what to install. To add one: SYSTEM_PACKAGES += redis-server
 SYSTEM_PACKAGES := chromium postgresql
+SYSTEM_PACKAGES += redis-server nginx
 
 .PHONY: help install run test lint format clean distclean system-packages
 

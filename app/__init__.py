@@ -11,7 +11,7 @@ from flask import Flask
 from flask_cors import CORS
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import auth, db, errors, logs
+from . import auth, db, errors, limits, logs
 from .blueprints import chat, legacy, ops, pages, passthrough
 from .keypool import mask_key
 from .services.completions import ChatService
@@ -33,7 +33,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-EXPOSED_HEADERS = ["Retry-After", "X-Request-ID", "x-should-retry"]
+EXPOSED_HEADERS = [
+    "Retry-After",
+    "X-Request-ID",
+    "x-should-retry",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
 
 log = logging.getLogger("chatproxy")
 
@@ -67,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     errors.init_app(app)
     auth.init_app(app)
+    limits.init_app(app)  # after auth: the limiter keys on its client name
     CORS(
         app,
         origins=list(settings.cors_origins),

@@ -2,7 +2,7 @@
 
 With `ACCESS_TOKENS` set, every route but the pages, static files, probes and CORS preflights
 needs `Authorization: Bearer <token>`; the check runs before any body is read. A client is its
-token's name, else its address.
+token's name, else its address. Failed authentications count against the address (`limits.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def authenticate() -> None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     name = tokens.name_for(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
     if name is None:
+        # A valid token is its own client and never pays for its address's failures.
+        rate_limits = current_app.extensions["rate_limits"]
+        rate_limits.refuse_spent_address(g.client_name)
+        rate_limits.count_failed_authentication(g.client_name)
         raise ApiError(
             "invalid_access_token",
             "A valid access token is required: send 'Authorization: Bearer <token>'.",

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+from limits import parse_many
 from requests.utils import should_bypass_proxies
 
 DEFAULT_V1_ALLOWED_PATHS = (
@@ -37,9 +38,6 @@ DEFAULT_V1_ALLOWED_PATHS = (
 )
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_RATE_ITEM = re.compile(
-    r"^\s*\d+\s*(?:/|per)\s*(?:\d+\s*)?(?:second|minute|hour|day|month|year)s?\s*$", re.I
-)
 
 
 class ConfigError(ValueError):
@@ -260,9 +258,16 @@ class _Env:
         return tokens
 
     def rate_limit(self, name: str, default: str) -> str:
+        """Flask-Limiter's notation, read by the parser Flask-Limiter itself uses."""
         raw = self.text(name, "") or default
-        if not all(_RATE_ITEM.match(item) for item in raw.split(";")):
-            raise ConfigError(name, f"expected limits such as '60/minute;1000/day', got {raw!r}")
+        try:
+            items = parse_many(raw)
+        except ValueError:
+            raise ConfigError(
+                name, f"expected limits such as '60/minute;1000/day', got {raw!r}"
+            ) from None
+        if any(item.amount < 1 for item in items):
+            raise ConfigError(name, f"a limit must allow at least one request, got {raw!r}")
         return raw
 
     def storage_uri(self, name: str, default: str) -> str:

@@ -20,16 +20,20 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     """Readiness: the configuration is usable and the database answers. Says whether an
-    upstream key is set, never which."""
+    upstream key is set, never which; `degraded` (still 200) while Redis, used for rate
+    limits, is unreachable and each process counts on its own."""
     settings = current_app.config["SETTINGS"]
     database = "ok" if db.ping(current_app.extensions["db"]) else "unavailable"
+    rate_limit_storage = current_app.extensions["rate_limits"].storage_state()
     checks = {
         "configuration": "ok",
         "database": database,
+        "rate_limit_storage": rate_limit_storage,
         "upstream_key_configured": settings.upstream_configured,
     }
     ready = database == "ok"
-    return jsonify(status="ok" if ready else "unavailable", checks=checks), 200 if ready else 503
+    status = "degraded" if rate_limit_storage == "unreachable" else "ok"
+    return jsonify(status=status if ready else "unavailable", checks=checks), 200 if ready else 503
 
 
 @bp.get("/usage")
