@@ -332,6 +332,26 @@ def test_a_spent_daily_budget_is_429_until_utc_midnight_without_calling_the_upst
     assert len(upstream.requests) == served + 1
 
 
+def test_a_daily_budget_holds_across_two_instances_sharing_postgresql(
+    service_factory: Callable[..., Service], upstream: FakeUpstream, postgres
+) -> None:
+    database_url = postgres.new_database()
+    env = {"DATABASE_URL": database_url, "DAILY_TOKEN_BUDGET": str(BUDGET)}
+    east = service_factory(ACCESS_TOKENS=ACCESS_TOKENS, **env)
+    west = service_factory(ACCESS_TOKENS=ACCESS_TOKENS, **env)
+
+    first = ask(east, CHAT, TEN_WORDS, ALICE)  # 15 tokens, spent through one instance
+    second = ask(west, V1, TEN_WORDS, ALICE)  # 30, through the other: the budget is reached
+    assert (first.status_code, second.status_code) == (200, 200), (first.text, second.text)
+    served = len(upstream.requests)
+
+    assert_budget_exceeded(ask(east, CHAT, "one more", ALICE), CHAT)
+    assert_budget_exceeded(ask(west, LEGACY, "one more", ALICE), LEGACY)
+    assert len(upstream.requests) == served
+    assert usage(east, ALICE)["total"] == usage(west, ALICE)["total"]
+    assert usage(east, ALICE)["total"]["total_tokens"] == BUDGET
+
+
 # --- Streams cut short -------------------------------------------------------------------------
 
 
