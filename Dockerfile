@@ -5,6 +5,11 @@
 #
 # The container binds 0.0.0.0, so the service refuses to start without ACCESS_TOKENS unless
 # ALLOW_OPEN_ACCESS=1 (an open relay spends your money).
+#
+# Stopping: on SIGTERM streams in progress get GUNICORN_GRACEFUL_TIMEOUT (30 s) to finish, less
+# a 2 s margin; give `docker stop -t` (or compose's stop_grace_period) at least that long.
+# With WEB_CONCURRENCY above 1, the metrics of the workers are kept in a fresh directory in
+# /tmp (PROMETHEUS_MULTIPROC_DIR to choose another).
 
 # --- build: a virtual environment with the project and its dependencies ---------------------
 FROM python:3.11-slim AS build
@@ -29,7 +34,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/srv/chatgpt-proxy \
     BIND=0.0.0.0:8000
 
-RUN useradd --system --user-group --uid 10001 --home-dir /srv/chatgpt-proxy --no-create-home chatproxy
+RUN useradd --system --user-group --uid 10001 --no-log-init \
+        --home-dir /srv/chatgpt-proxy --no-create-home chatproxy
 
 WORKDIR /srv/chatgpt-proxy
 COPY --from=build /opt/venv /opt/venv
@@ -42,8 +48,10 @@ COPY wsgi.py gunicorn.conf.py ./
 # The default DATABASE_URL (sqlite:///instance/chatproxy.db) writes here; mount a volume on it.
 RUN mkdir instance && chown chatproxy:chatproxy instance
 
-USER chatproxy
+# Numeric, so that a runtime checking for a non-root user (runAsNonRoot) can tell.
+USER 10001:10001
 EXPOSE 8000
+STOPSIGNAL SIGTERM
 
 # No curl in slim images; the proxy handler is empty so that HTTP_PROXY does not catch it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \

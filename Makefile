@@ -18,14 +18,16 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := chromium postgresql
 SYSTEM_PACKAGES += redis-server nginx
 
-.PHONY: help install run test lint format clean distclean system-packages
+.PHONY: help install run test lint format clean distclean system-packages bench
 
 help:
 	@echo "make run      install, create .env from .env.example if missing, serve with gunicorn"
 	@echo "make test     install test dependencies and system packages, lint, run pytest"
 	@echo "make install  create .venv and install the project into it"
-	@echo "make lint     ruff check and ruff format --check"
+	@echo "make lint     ruff check, ruff format --check, and hadolint on the Dockerfile"
 	@echo "make clean    remove caches and build artefacts (keeps .venv, .env and instance/)"
+	@echo "make bench    benchmark against the upstream and nginx into bench/results/ (~8 min;"
+	@echo "              BENCH_QUICK=1: 2-minute smoke run; see docs/performance.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,11 +70,13 @@ system-packages:
 
 test: $(TEST_STAMP) system-packages
 	$(BIN)/ruff check app tests
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff check --fix .
@@ -84,3 +88,10 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# The benchmark (docs/performance.md): its Python tools into .venv, Debian's nginx and wrk when
+# missing (as root), then bench/run.py writes bench/results/report.md and chart.png.
+bench: $(INSTALL_STAMP)
+	$(PIP) install -r bench/requirements.txt
+	@$(MAKE) --no-print-directory system-packages SYSTEM_PACKAGES="nginx wrk"
+	$(BIN)/python bench/run.py

@@ -11,7 +11,7 @@ from flask import Flask
 from flask_cors import CORS
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import auth, db, errors, limits, logs
+from . import auth, db, errors, limits, logs, requestlog
 from .blueprints import chat, legacy, ops, pages, passthrough
 from .keypool import mask_key
 from .services.completions import ChatService
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         passthrough=Passthrough(settings, upstream, ledger),
     )
 
+    requestlog.init_app(app)  # first: every later hook's failure has a request ID to log
     errors.init_app(app)
     auth.init_app(app)
     limits.init_app(app)  # after auth: the limiter keys on its client name

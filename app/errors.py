@@ -12,6 +12,8 @@ import logging
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from . import requestlog
+
 log = logging.getLogger("chatproxy")
 
 # code -> (status, type), as in the contract's §4.
@@ -36,6 +38,7 @@ ERROR_KINDS: dict[str, tuple[int, str]] = {
     "upstream_bad_response": (502, "upstream_error"),
     "upstream_auth_failed": (502, "upstream_error"),
     "upstream_not_configured": (503, "upstream_error"),
+    "shutting_down": (503, "server_error"),
     "upstream_timeout": (504, "upstream_error"),
 }
 
@@ -76,6 +79,7 @@ class ApiError(Exception):
 
 def render(error: ApiError) -> Response:
     """The response for `error`, in the shape of the route that failed."""
+    requestlog.current().error = error.code
     if request.path in TEXT_ROUTES:
         response = Response(f"error: {error.message}\n", status=error.status, mimetype="text/plain")
     else:

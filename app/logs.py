@@ -1,7 +1,12 @@
 """Logging: one handler on stderr, text or JSON, and no secret in any line.
 
 The redaction filter sits on the handler, so it sees every record the handler writes, the
-tracebacks of exceptions included, after the message is formatted.
+tracebacks of exceptions included, after the message is formatted. Every handler that writes
+the service's lines carries it: the service's own, gunicorn's (`gunicorn_logconfig`), and the
+root logger's, which libraries (urllib3, SQLAlchemy, Werkzeug) log through.
+
+A record may carry `fields` (the per-request line does): the JSON format writes them as keys of
+their own, the text format relies on the message saying them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = {
+                name: redact(value, self.secrets) if isinstance(value, str) else value
+                for name, value in fields.items()
+            }
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -45,6 +56,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
         if record.exc_info or record.exc_text:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -60,11 +74,45 @@ def make_handler(log_format: str, secrets: Collection[str]) -> logging.Handler:
 
 
 def configure(level: str, log_format: str, secrets: Collection[str]) -> None:
-    """Routes the service's loggers through one redacting handler."""
+    """Routes the service's loggers through one redacting handler, and makes sure that every
+    handler of the root logger redacts too (under `flask run` nothing else configured one)."""
     logger = logging.getLogger("chatproxy")
     logger.handlers[:] = [make_handler(log_format, secrets)]
     logger.setLevel(level)
     logger.propagate = False
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(make_handler(log_format, secrets))
+        root.setLevel(logging.WARNING)
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter(secrets))
+    logging.captureWarnings(True)  # warnings too, as lines of the chosen format
+
+
+class ReportWriter:
+    """A writable stream whose reports become log records: for code that prints to stderr
+    (gevent's hub prints the error of a failed greenlet, a traceback ending in a blank line),
+    so that what it prints keeps the format, stays one record, and is redacted."""
+
+    def __init__(self, logger: logging.Logger, level: int = logging.ERROR):
+        self.logger = logger
+        self.level = level
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        *reports, self._pending = (self._pending + text).split("\n\n")
+        for report in reports:
+            self._emit(report)
+        return len(text)
+
+    def flush(self) -> None:
+        self._emit(self._pending)
+        self._pending = ""
+
+    def _emit(self, report: str) -> None:
+        if report.strip():
+            self.logger.log(self.level, "%s", report.strip("\n"))
 
 
 def gunicorn_logconfig(level: str, log_format: str, secrets: Collection[str]) -> dict:

@@ -3,7 +3,8 @@
 One `requests.Session` per worker process keeps connections to the upstream open between
 requests. `UpstreamClient.send` makes the attempts the contract's §5 allows (retries with
 backoff and full jitter, `Retry-After`, key failover) and hands back an `UpstreamAnswer` whose
-body has not been read, so that callers can relay it as it arrives.
+body has not been read, so that callers can relay it as it arrives. Each attempt carries the
+request's `X-Request-ID` and is counted in the request's record and in the metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 
+from . import metrics, requestlog, shutdown
 from .errors import ApiError
 from .keypool import KeyPool, mask_key
 from .settings import Settings
@@ -46,9 +48,13 @@ class UpstreamAnswer:
     response: requests.Response
     attempts: int
     read_timeout: float
+    started: float = 0.0  # time.monotonic() when the first attempt was sent
     body: bytes | None = None  # already read: error answers are read whole to look inside
     _closed: bool = field(default=False, repr=False)
     _finished: bool = field(default=False, repr=False)  # the whole body was read
+    _aborted: ApiError | None = field(default=None, repr=False)
+
+    __hash__ = object.__hash__  # kept in `shutdown`'s set while its body is being read
 
     @property
     def status(self) -> int:
@@ -69,21 +75,32 @@ class UpstreamAnswer:
                 yield self.body
             return
         raw = self.response.raw
+        shutdown.relaying(self)
         try:
             while chunk := raw.read1(READ_SIZE, decode_content=True):
                 yield chunk
+            if self._aborted:  # the closed socket may read as a clean end
+                raise self._aborted
             self._finished = True
         except ReadTimeoutError:
             raise ApiError(
                 "upstream_timeout",
                 f"The upstream sent nothing for {self.read_timeout:g} s.",
             ) from None
-        except (Urllib3Error, OSError, ValueError):
+        except (Urllib3Error, OSError, ValueError, AttributeError) as exc:
+            # A read racing `close()` from another greenlet fails in one of these ways (urllib3
+            # drops its file object on close: AttributeError).
+            if self._aborted:
+                raise self._aborted from None
             if self._closed:
                 return
+            if isinstance(exc, AttributeError):
+                raise
             raise ApiError(
                 "upstream_unreachable", "The connection to the upstream broke mid-answer."
             ) from None
+        finally:
+            shutdown.relayed(self)
 
     def read(self, limit: int = ERROR_BODY_LIMIT) -> bytes:
         """The whole body (at most `limit` bytes); for answers that are small by nature."""
@@ -105,6 +122,12 @@ class UpstreamAnswer:
             raise ApiError(
                 "upstream_bad_response", "The upstream answered with invalid JSON."
             ) from None
+
+    def abort(self, error: ApiError) -> None:
+        """Ends a body being read with `error` for its reader (the service is stopping)."""
+        if not self._closed:
+            self._aborted = error
+            self.close()
 
     def close(self) -> None:
         """Closes the upstream connection, also when a reader in another thread is blocked on it.
@@ -178,13 +201,19 @@ class UpstreamClient:
             )
         settings = self.settings
         url = self.url(path, query)
-        deadline = time.monotonic() + settings.read_timeout
+        record = requestlog.current()
+        if record.request_id:
+            headers = {**(headers or {}), requestlog.HEADER: record.request_id}
+        started = time.monotonic()
+        deadline = started + settings.read_timeout
         refused: set[str] = set()  # keys that failed this request, skipped while others are fresh
         retries_done = attempts = 0
         while True:
             key = self.keys.choose(exclude=refused)
             attempts += 1
-            remaining = max(deadline - time.monotonic(), 0.05)
+            record.upstream_attempts += 1
+            attempt_started = time.monotonic()
+            remaining = max(deadline - attempt_started, 0.05)
             try:
                 response = self.session.request(
                     method,
@@ -196,16 +225,22 @@ class UpstreamClient:
                     timeout=(settings.connect_timeout, min(settings.read_timeout, remaining)),
                 )
             except requests.RequestException as exc:
+                metrics.UPSTREAM_LATENCY.labels("error").observe(time.monotonic() - attempt_started)
                 failure, retryable = _classify(exc, settings)
                 log.warning("upstream %s on attempt %d: %s", failure.code, attempts, _brief(exc))
                 delay = _backoff(retries_done)
                 if retryable and self._may_retry(retries_done, delay, deadline):
+                    metrics.UPSTREAM_RETRIES.labels("connect_error").inc()
                     retries_done += 1
                     time.sleep(delay)
                     continue
                 raise failure from None
 
-            answer = UpstreamAnswer(response, attempts, settings.read_timeout)
+            metrics.UPSTREAM_LATENCY.labels(str(response.status_code)).observe(
+                time.monotonic() - attempt_started
+            )
+            record.upstream_request_id = response.headers.get("x-request-id")
+            answer = UpstreamAnswer(response, attempts, settings.read_timeout, started)
             status = answer.status
             if 300 <= status < 400:
                 answer.close()
@@ -222,6 +257,7 @@ class UpstreamClient:
                     "upstream refused key %s with %d; it rests until restart", mask_key(key), status
                 )
                 if self.keys.has_fresh_key(refused):
+                    metrics.KEY_FAILOVERS.labels(str(status)).inc()
                     continue
                 raise ApiError(
                     "upstream_auth_failed",
@@ -240,6 +276,7 @@ class UpstreamClient:
                 refused.add(key)
                 log.warning("upstream rate-limited key %s (attempt %d)", mask_key(key), attempts)
                 if self.keys.has_fresh_key(refused):
+                    metrics.KEY_FAILOVERS.labels("insufficient_quota" if exhausted else "429").inc()
                     answer.close()
                     continue
                 if exhausted:
@@ -250,6 +287,7 @@ class UpstreamClient:
             if not self._may_retry(retries_done, delay, deadline):
                 return answer
             log.info("upstream answered %d; retrying in %.2f s", status, delay)
+            metrics.UPSTREAM_RETRIES.labels(str(status)).inc()
             answer.close()
             retries_done += 1
             time.sleep(delay)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from .. import sse
+from .. import requestlog, sse
 from ..auth import client_name
 from ..errors import ApiError
 from ..jsonbody import parse_json_object, read_body
@@ -107,11 +107,13 @@ def _answer(completion: Completion) -> dict:
 
 
 def _event_stream(stream: ChatStream, conversation_id: str | None = None) -> Response:
-    return Response(
+    response = Response(
         _events(stream, conversation_id, request.environ),
         mimetype="text/event-stream",
         headers=STREAM_HEADERS,
     )
+    response.call_on_close(stream.close)  # also when the body is never iterated
+    return response
 
 
 def _events(stream: ChatStream, conversation_id: str | None, environ: dict) -> Iterator[bytes]:
@@ -132,6 +134,7 @@ def _events(stream: ChatStream, conversation_id: str | None, environ: dict) -> I
                 done = {"id": item.id, "finish_reason": item.finish_reason, "usage": item.usage}
                 yield sse.event("done", done)
     except ApiError as exc:
+        requestlog.current().error = exc.code
         yield sse.event("error", exc.body())
     finally:
         stream.close()

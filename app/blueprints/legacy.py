@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
+from .. import requestlog
 from ..auth import client_name
 from ..errors import ApiError
 from ..jsonbody import parse_form, parse_json_object, read_body
@@ -35,11 +36,13 @@ def call_chatgpt():
     chat_service = current_app.extensions["chat"]
     if read_flag("stream", values.get("stream"), from_text=from_text):
         stream = chat_service.stream(chat, client_name(), request.path)
-        return Response(
+        response = Response(
             _text(stream, request.environ),
             mimetype="text/plain",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        response.call_on_close(stream.close)  # a HEAD request never iterates the body
+        return response
     answer = chat_service.complete(chat, client_name(), request.path).content.strip()
     return Response(answer, mimetype="text/plain")
 
@@ -83,6 +86,7 @@ def _text(stream: ChatStream, environ: dict) -> Iterator[bytes]:
             if body:
                 yield body.encode()
     except ApiError as exc:  # the status is sent already: the error becomes the last line
+        requestlog.current().error = exc.code
         yield f"\nerror: {exc.message}\n".encode()
     finally:
         stream.close()

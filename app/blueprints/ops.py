@@ -1,12 +1,14 @@
-"""Operations: liveness and readiness probes, and the calling client's usage."""
+"""Operations: liveness and readiness probes, metrics, the API's description, and the calling
+client's usage."""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
-from .. import db
+from .. import db, openapi
 from ..auth import client_name
 from ..errors import ApiError
+from ..metrics import exposition
 
 bp = Blueprint("ops", __name__)
 
@@ -45,3 +47,17 @@ def usage():
     except ValueError:
         raise ApiError("invalid_value", "'days' must be a whole number from 1 to 366.") from None
     return jsonify(current_app.extensions["ledger"].usage(client_name(), days))
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus metrics, added up over every worker process (docs/operations.md lists them).
+    Needs an access token like every API route: Prometheus sends one with `authorization`."""
+    body, content_type = exposition(request.headers.get("Accept"))
+    return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    """This service's own endpoints as OpenAPI 3.1 (the `/v1` passthrough described generically)."""
+    return jsonify(openapi.document(request.script_root))

@@ -37,11 +37,11 @@ def _register_converter(state) -> None:
     state.app.url_map.converters["anypath"] = AnyPathConverter
 
 
-@bp.route("/v1/<anypath:_path>", methods=METHODS)
-def relay(_path: str):
+@bp.route("/v1/<anypath:path>", methods=METHODS)
+def relay(path: str):
     """Sends the request on to `OPENAI_BASE_URL/<path>` and relays the answer as it arrives."""
     settings = current_app.config["SETTINGS"]
-    raw_path, path = _validated_path()
+    raw_path, path = _validated_path()  # from the raw request line, not the decoded match
     if not settings.v1_path_allowed(request.method, path):
         raise ApiError(
             "path_not_allowed", f"{request.method} /v1/{path} is not open on this server."

@@ -9,11 +9,13 @@ text, storage — is the caller's business.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import metrics
 from ..errors import ApiError
 from ..keypool import redact
 from ..relay import IDLE, pace
@@ -89,9 +91,9 @@ class ChatService:
         answer = self._send(chat, stream=True)
         if "json" in answer.content_type:  # an upstream that ignored "stream": true
             completion = _completion(_json_body(answer), chat.model)
-            stream = ChatStream(answer, chat.model, 0, completion)
+            stream = ChatStream(answer, chat.model, endpoint, 0, completion)
         elif "text/event-stream" in answer.content_type:
-            stream = ChatStream(answer, chat.model, self.settings.max_stream_seconds)
+            stream = ChatStream(answer, chat.model, endpoint, self.settings.max_stream_seconds)
         else:
             answer.close()
             raise ApiError("upstream_bad_response", "The upstream did not answer with a stream.")
@@ -178,12 +180,16 @@ class ChatService:
 
 
 class ChatStream:
-    """The upstream's chunks as `Delta`s, a final `Finish`, and `IDLE` while it is silent."""
+    """The upstream's chunks as `Delta`s, a final `Finish`, and `IDLE` while it is silent.
+
+    Counted in the streams in progress from its creation until it is closed.
+    """
 
     def __init__(
         self,
         answer: UpstreamAnswer,
         model: str,
+        endpoint: str,
         max_seconds: float,
         completion: Completion | None = None,  # an upstream that answered whole, not streamed
     ):
@@ -196,6 +202,8 @@ class ChatStream:
         )
         self._on_close: list[Callable[[ChatStream], None]] = []
         self._closed = False
+        self._in_progress = metrics.STREAMS_IN_PROGRESS.labels(endpoint)
+        self._in_progress.inc()
 
     @property
     def text(self) -> str:
@@ -217,6 +225,10 @@ class ChatStream:
     def _delivered(self, items: Iterator[Delta | Finish | object]) -> Iterator:
         for item in items:
             if isinstance(item, Delta):
+                if not self._parts:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(
+                        time.monotonic() - self._answer.started
+                    )
                 self._parts.append(item.content)
             elif isinstance(item, Finish):
                 self.finish = item
@@ -233,8 +245,11 @@ class ChatStream:
             self._items.close()
             self._answer.close()
         finally:
-            for callback in self._on_close:
-                callback(self)
+            try:
+                for callback in self._on_close:
+                    callback(self)
+            finally:
+                self._in_progress.dec()
 
     @staticmethod
     def _replay(completion: Completion) -> Iterator[Delta | Finish]:

@@ -6,6 +6,9 @@ upstream call with a request id, the ledger's UNIQUE key, and `record` inserts w
 token counts the upstream did not report is `estimated`; a stream cut short is `partial`.
 
 Days are UTC dates: `/usage` groups by them and `DAILY_TOKEN_BUDGET` resets at UTC midnight.
+
+A row, once inserted, is also what the metrics count as tokens and cost and what the request's
+log line reports: counted where it is written, it is counted once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from .. import metrics, requestlog
 from ..db import clean_text, ledger, utc_now
 from ..errors import ApiError
 from ..settings import ModelPrice
@@ -152,7 +156,10 @@ class Ledger:
             .returning(ledger.c.id)  # a row only when inserted (rowcount is unreliable here)
         )
         with self.engine.begin() as connection:
-            return connection.execute(statement).first() is not None
+            inserted = connection.execute(statement).first() is not None
+        if inserted:
+            _count(row)
+        return inserted
 
     def usage(self, client: str, days: int = 30) -> dict:
         """The client's usage of the last `days` UTC days (today included), per day and model,
@@ -216,3 +223,13 @@ class Ledger:
 
     def _today(self) -> dt.date:
         return self.clock().astimezone(dt.UTC).date()
+
+
+def _count(row: Mapping[str, Any]) -> None:
+    record = requestlog.current()
+    record.prompt_tokens += row["prompt_tokens"]
+    record.completion_tokens += row["completion_tokens"]
+    model = row["model"]
+    metrics.TOKENS.labels(model, "prompt").inc(row["prompt_tokens"])
+    metrics.TOKENS.labels(model, "completion").inc(row["completion_tokens"])
+    metrics.COST.labels(model).inc(row["cost_usd"])

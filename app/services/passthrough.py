@@ -8,12 +8,13 @@ events, and a body that breaks midway cuts the client's connection instead of en
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import sse
+from .. import metrics, requestlog, sse
 from ..errors import ApiError
 from ..relay import IDLE, client_gone, cut_connection, pace
 from ..settings import Settings
@@ -29,12 +30,13 @@ HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 # Never sent upstream: the client's credentials and cookies, the account selectors of our key,
-# headers that describe the client's own connection, and what requests sets itself.
+# headers that describe the client's own connection, what requests sets itself, and the request
+# ID (the upstream client sends the checked one).
 REQUEST_DROP = HOP_BY_HOP | {
     "host", "cookie", "authorization", "x-api-key", "api-key", "openai-organization",
     "openai-project", "content-length", "accept-encoding", "forwarded", "x-forwarded-for",
     "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "origin",
-    "referer",
+    "referer", "x-request-id",
 }  # fmt: skip
 # Never passed back: cookies and the identity of the upstream account; length and encoding are
 # recomputed because the body is relayed decoded.
@@ -162,7 +164,8 @@ class Passthrough:
                 meter.body(piece)
                 yield piece
             meter.whole = True
-        except ApiError:
+        except ApiError as exc:
+            requestlog.current().error = exc.code
             cut_connection(environ)
         finally:
             answer.close()
@@ -175,6 +178,9 @@ class Passthrough:
             max_seconds=self.settings.max_stream_seconds,
             on_stop=answer.close,
         )
+        in_progress = metrics.STREAMS_IN_PROGRESS.labels("/v1")
+        in_progress.inc()
+        first = True
         try:
             for piece in paced:
                 if piece is IDLE:
@@ -185,14 +191,21 @@ class Passthrough:
                     continue
                 for event in reader.feed(piece):
                     meter.event(event)
+                if first:
+                    first = False
+                    metrics.TIME_TO_FIRST_TOKEN.labels(meter.model or "unknown").observe(
+                        time.monotonic() - answer.started
+                    )
                 yield piece
             if reader.at_boundary:
                 meter.whole = True
             else:
                 cut_connection(environ)  # the last event was never finished
         except ApiError as exc:
+            requestlog.current().error = exc.code
             if reader.at_boundary:  # the official SDKs raise on an `error` event
                 yield sse.event("error", exc.body())
             cut_connection(environ)
         finally:
             paced.close()
+            in_progress.dec()
