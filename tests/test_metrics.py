@@ -237,6 +237,10 @@ def spread_requests(service: Service, count: int) -> None:
 
 def test_counters_add_up_over_several_worker_processes(service_factory) -> None:
     workers = service_factory(WEB_CONCURRENCY="3")
+    # /healthz answers as soon as one worker is up: wait for all three before spreading.
+    deadline = time.monotonic() + 20
+    while workers.log_text().count("Booting worker") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
 
     spread_requests(workers, 30)
     samples = settles(
