@@ -241,3 +241,34 @@ def _find_fragment(text: str, secret: str) -> int | None:
     width = min(len(secret), LEAK_FRAGMENT)
     found = (text.find(secret[i : i + width]) for i in range(len(secret) - width + 1))
     return min((position for position in found if position >= 0), default=None)
+
+
+def open_raw_request(
+    service: Service,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    token: str | None = None,
+    timeout: float = 5,
+) -> socket.socket:
+    """A raw HTTP/1.1 request whose answer the test reads, so that it decides exactly when the
+    connection closes (a client leaving mid-stream)."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", service.port), timeout=timeout)
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What arrived until `marker` did; fails if the connection ends first."""
+    received = b""
+    while marker not in received:
+        piece = sock.recv(4096)
+        assert piece, f"the stream ended before {marker!r}: {received!r}"
+        received += piece
+    return received

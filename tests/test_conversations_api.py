@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Service, service_env
+from tests.conftest import Service, open_raw_request, read_until, service_env
 from tests.fake_upstream import DEFAULT_REPLY, FakeUpstream, stream
 from tests.test_upstream_faults import events
 
@@ -119,24 +119,7 @@ def assert_utc_timestamp(value: str) -> dt.datetime:
 
 def open_raw_stream(service: Service, body: dict, token: str = ALICE) -> socket.socket:
     """A raw streaming `/chat` request, so that the test decides when the socket closes."""
-    payload = json.dumps(body).encode()
-    head = (
-        f"POST /chat HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
-        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-    )
-    sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
-    sock.sendall(head.encode() + payload)
-    return sock
-
-
-def read_until(sock: socket.socket, marker: bytes) -> bytes:
-    received = b""
-    while marker not in received:
-        piece = sock.recv(4096)
-        assert piece, f"the stream ended before {marker!r}: {received!r}"
-        received += piece
-    return received
+    return open_raw_request(service, "POST", "/chat", json.dumps(body).encode(), token)
 
 
 def sse_data(raw: bytes, name: str) -> dict:

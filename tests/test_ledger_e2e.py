@@ -25,7 +25,7 @@ import requests
 import sqlalchemy as sa
 
 from app import db
-from tests.conftest import Service, service_env
+from tests.conftest import Service, open_raw_request, service_env
 from tests.fake_upstream import (
     DEFAULT_REPLY,
     Exchange,
@@ -509,15 +509,7 @@ def open_raw_stream(
 ) -> socket.socket:
     """A raw streaming request, so that the test decides exactly when the socket closes."""
     payload = json.dumps(body).encode()
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n{auth}"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    sock = socket.create_connection(("127.0.0.1", service.port), timeout=CLIENT_TIMEOUT)
-    sock.sendall(head.encode() + payload)
-    return sock
+    return open_raw_request(service, "POST", path, payload, token, timeout=CLIENT_TIMEOUT)
 
 
 def read_body_until(sock: socket.socket, marker: bytes) -> bytes:

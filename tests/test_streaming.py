@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Service
+from tests.conftest import Service, open_raw_request, read_until
 from tests.fake_upstream import Behaviour, Exchange, FakeUpstream, RecordedRequest, stream
 from tests.test_upstream_faults import CHAT, HEADERS, LEGACY, MESSAGES, V1, ask, events, read_sse
 
@@ -118,29 +118,9 @@ def test_heartbeats_flow_while_the_upstream_is_silent(
 def open_stream(service: Service, endpoint: str) -> socket.socket:
     """A raw HTTP/1.1 streaming request, so that the test decides exactly when the socket closes."""
     if endpoint == LEGACY:
-        target, body = f"{LEGACY}?input=two+words&stream=1", b""
-    else:
-        target = endpoint
-        body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}).encode()
-    head = (
-        f"{'GET' if endpoint == LEGACY else 'POST'} {target} HTTP/1.1\r\n"
-        f"Host: 127.0.0.1:{service.port}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
-    sock.sendall(head.encode() + body)
-    return sock
-
-
-def read_until(sock: socket.socket, marker: bytes) -> bytes:
-    received = b""
-    while marker not in received:
-        piece = sock.recv(4096)
-        assert piece, f"the stream ended before {marker!r}: {received!r}"
-        received += piece
-    return received
+        return open_raw_request(service, "GET", f"{LEGACY}?input=two+words&stream=1")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}).encode()
+    return open_raw_request(service, "POST", endpoint, body)
 
 
 @pytest.mark.parametrize("endpoint", [CHAT, V1, LEGACY])
