@@ -204,7 +204,8 @@ def image_layout(tmp_path: Path) -> Path:
             shutil.copy2(source, tmp_path / name)
     (tmp_path / "instance").mkdir()
     page = tmp_path / "templates" / "index.html"
-    page.write_text(page.read_text() + "\n<!-- from the image layout -->\n")
+    marked = "{% block body %}\n<!-- from the image layout -->"  # inside the page's own block
+    page.write_text(page.read_text().replace("{% block body %}", marked))
     return tmp_path
 
 
