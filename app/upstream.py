@@ -9,6 +9,7 @@ request's `X-Request-ID` and is counted in the request's record and in the metri
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,9 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_auth_from_url, select_proxy
+from urllib3 import HTTPConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 
@@ -39,6 +44,7 @@ RETRY_AFTER_CAP = 60.0  # a longer Retry-After is passed to the client instead o
 ERROR_BODY_LIMIT = 1 << 20
 READ_SIZE = 64 * 1024
 QUOTA_REST = 300.0  # seconds an exhausted key rests when the upstream gives no Retry-After
+URL_CACHE_SIZE = 256  # distinct upstream URLs (path and query) whose prepared form is kept
 
 
 @dataclass
@@ -154,28 +160,81 @@ class UpstreamAnswer:
             pass
 
 
+class PoolCachingAdapter(HTTPAdapter):
+    """An `HTTPAdapter` that finds an origin's connection pool once instead of on every request.
+
+    The pool depends only on the origin, the CA bundle and the proxy, all fixed for the one
+    upstream; `HTTPAdapter` builds a pool key and matches it under a lock per call (~30 µs).
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._pools: dict[tuple, HTTPConnectionPool] = {}
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str,
+        proxies: dict[str, str] | None = None,
+        cert: str | tuple[str, str] | None = None,
+    ) -> HTTPConnectionPool:
+        proxy = select_proxy(request.url, proxies) if proxies else None
+        key = (*urlsplit(request.url)[:2], verify, cert, proxy)
+        pool = self._pools.get(key)
+        if pool is None or pool.pool is None:  # new, or closed by the pool manager since
+            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            self._pools[key] = pool
+        return pool
+
+
 class UpstreamClient:
+    """Sends through the session's adapter what `Session.request` would, deciding most of it once.
+
+    `Session.request` merges the session's settings, parses the URL, resolves proxies and handles
+    cookies on every call (~35% of an upstream call, measured); here the proxies, the CA bundle and
+    the default headers are read from the configured session at start, each distinct URL is
+    prepared once, and the mounted adapter sends (it never follows redirects nor touches the
+    session's cookie jar).
+    """
+
     def __init__(self, settings: Settings, pool_size: int = 10):
         self.settings = settings
         self.keys = KeyPool(settings.api_keys)
         self.session = self._session(pool_size)
+        self._adapter = self.session.get_adapter(settings.base_url)
+        self._proxies = dict(self.session.proxies)
+        self._verify = self.session.verify
+        self._headers = dict(self.session.headers)
+        # Credentials in OPENAI_BASE_URL become Basic auth, as `requests` does with them.
+        url_auth = get_auth_from_url(settings.base_url)
+        self._url_auth = url_auth if any(url_auth) else None
 
     def _session(self, pool_size: int) -> requests.Session:
         session = requests.Session()
         # Proxies were resolved once from the environment in Settings; without trust_env,
-        # requests neither rescans the environment per request nor lets ~/.netrc replace our
-        # Authorization header.
+        # requests neither rescans the environment nor lets ~/.netrc replace our Authorization.
         session.trust_env = False
-        # The upstream's cookies would be sent back for every later client: keep none.
+        # Requests go through the adapter, which keeps no cookies; the policy guards the jar too.
         session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         session.proxies.update(self.settings.proxies)
         session.verify = self.settings.ca_bundle or True
         session.headers.clear()
         session.headers["User-Agent"] = "chatgpt-proxy"
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        adapter = PoolCachingAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
+
+    def _prepare(
+        self, method: str, url: str, headers: dict[str, str] | None, body: bytes | None
+    ) -> requests.PreparedRequest:
+        """The request all attempts send; each attempt only sets its key."""
+        prepared = requests.PreparedRequest()
+        prepared.prepare_method(method)
+        prepared.url = _prepared_url(url)
+        prepared.prepare_headers({**self._headers, **(headers or {})})
+        prepared.prepare_body(body, None)
+        return prepared
 
     def url(self, path: str, query: str = "") -> str:
         url = f"{self.settings.base_url}/{path.lstrip('/')}"
@@ -200,10 +259,14 @@ class UpstreamClient:
                 "upstream_not_configured", "No upstream API key is configured on this server."
             )
         settings = self.settings
-        url = self.url(path, query)
         record = requestlog.current()
         if record.request_id:
             headers = {**(headers or {}), requestlog.HEADER: record.request_id}
+        try:
+            prepared = self._prepare(method, self.url(path, query), headers, body)
+        except requests.RequestException as exc:  # a header or URL `requests` refuses to send
+            log.warning("upstream request not sent: %s", _brief(exc))
+            raise _classify(exc, settings)[0] from None
         started = time.monotonic()
         deadline = started + settings.read_timeout
         refused: set[str] = set()  # keys that failed this request, skipped while others are fresh
@@ -214,15 +277,16 @@ class UpstreamClient:
             record.upstream_attempts += 1
             attempt_started = time.monotonic()
             remaining = max(deadline - attempt_started, 0.05)
+            prepared.headers["Authorization"] = f"Bearer {key}"
+            if self._url_auth:
+                prepared.prepare_auth(self._url_auth)
             try:
-                response = self.session.request(
-                    method,
-                    url,
-                    headers={**(headers or {}), "Authorization": f"Bearer {key}"},
-                    data=body,
+                response = self._adapter.send(
+                    prepared,
                     stream=True,
-                    allow_redirects=False,
                     timeout=(settings.connect_timeout, min(settings.read_timeout, remaining)),
+                    verify=self._verify,
+                    proxies=self._proxies,
                 )
             except requests.RequestException as exc:
                 metrics.UPSTREAM_LATENCY.labels("error").observe(time.monotonic() - attempt_started)
@@ -295,6 +359,14 @@ class UpstreamClient:
     def _may_retry(self, retries_done: int, delay: float, deadline: float) -> bool:
         """Another attempt is allowed while retries remain and it can start before the deadline."""
         return retries_done < self.settings.retries and time.monotonic() + delay < deadline
+
+
+@functools.lru_cache(maxsize=URL_CACHE_SIZE)
+def _prepared_url(url: str) -> str:
+    """The URL as `requests` sends it (IDNA host, requoted path and query), worked out once."""
+    request = requests.PreparedRequest()
+    request.prepare_url(url, None)
+    return request.url
 
 
 def retry_after_seconds(headers) -> float | None:
