@@ -174,6 +174,18 @@ def create_engine(database_url: str) -> Engine:
     return engine
 
 
+def autocommit(engine: Engine) -> Engine:
+    """`engine` for work whose statements each stand alone (reads, one-statement writes):
+    PostgreSQL then runs them without BEGIN and COMMIT/ROLLBACK round trips (-60 µs CPU and
+    -270 µs wall per ledger row, measured under gevent), and nothing changes for them, since its
+    READ COMMITTED gives each statement its own snapshot anyway. SQLite gets `engine` itself:
+    pysqlite already begins only before a write, and its switch to autocommit costs a PRAGMA per
+    checkout (+70 µs per ledger row)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
 def _is_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or (url.query.get("mode") == "memory")
 

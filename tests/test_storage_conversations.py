@@ -101,6 +101,31 @@ def test_messages_come_back_in_order_with_the_contracts_fields(store, clock):
     assert store.list("alice")[0]["message_count"] == 2
 
 
+def test_a_conversation_can_start_with_its_question(store, clock):
+    created = store.create(
+        "alice", title="Capitals", system=None, model="gpt-4o-mini", question="Capital of France?"
+    )
+    assert created["message_count"] == 1
+    clock.advance()
+    store.add_message("alice", created["id"], "assistant", "Paris.", model="gpt-4o")
+    conversation = store.get("alice", created["id"])
+    assert [(m["role"], m["content"]) for m in conversation["messages"]] == [
+        ("user", "Capital of France?"),
+        ("assistant", "Paris."),
+    ]
+    assert conversation["messages"][0]["created_at"] == created["created_at"]
+    assert (conversation["model"], conversation["updated_at"]) == (
+        "gpt-4o",
+        "2025-03-01T08:00:01.000000Z",
+    )
+
+
+def test_a_refused_question_starts_no_conversation(store):
+    with pytest.raises(ApiError):
+        store.create("alice", title="Hello", system=None, model="gpt-4o-mini", question=42)
+    assert store.list("alice") == []
+
+
 def test_adding_a_message_moves_the_conversation_to_the_top(store, clock):
     older, newer = _new(store, title="older"), None
     clock.advance()

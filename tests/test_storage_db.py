@@ -83,6 +83,30 @@ def test_init_app_migrates_and_keeps_the_engine(database_url):
     engine.dispose()
 
 
+def test_autocommit_work_leaves_pooled_connections_transactional(engine):
+    # A fresh engine used by one caller at a time: its pool holds one connection, reused below.
+    engine = db.create_engine(engine.url.render_as_string(hide_password=False))
+    with db.autocommit(engine).connect() as connection:
+        connection.execute(sa.select(db.ledger.c.id)).all()
+    with engine.connect() as connection:
+        connection.execute(
+            db.conversations.insert(),
+            {
+                "id": "rolled-back",
+                "client": "alice",
+                "title": "t",
+                "model": "m",
+                "created_at": db.utc_now(),
+                "updated_at": db.utc_now(),
+            },
+        )
+        connection.rollback()
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(db.conversations.c.id)).all() == []
+    assert engine.pool.checkedin() == 1
+    engine.dispose()
+
+
 def test_text_postgresql_refuses_is_made_storable():
     assert db.clean_text("a\x00b") == "a\ufffdb"
     assert db.clean_text("lone \ud800 surrogate") == "lone ? surrogate"

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ..db import clean_text, conversations, messages, utc_now
+from ..db import autocommit, clean_text, conversations, messages, utc_now
 from ..errors import ApiError
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -38,7 +38,7 @@ def title_from(first_message: str, width: int = TITLE_WIDTH) -> str:
     line = " ".join(line.split())
     if not line:
         return DEFAULT_TITLE
-    if _columns(line) <= width:
+    if len(line) <= width and _columns(line) <= width:  # a longer line has more columns
         return line
     cut = used = 0
     while used + _columns(line[cut]) < width:  # one column stays for the ellipsis
@@ -92,9 +92,19 @@ class Conversations:
     def __init__(self, engine: Engine, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
         self.engine = engine
         self.clock = clock
+        self._reads = autocommit(engine)  # reads need no transaction of their own
 
-    def create(self, client: str, *, title: str, system: str | None, model: str) -> dict:
-        """Starts an empty conversation; returns its summary."""
+    def create(
+        self,
+        client: str,
+        *,
+        title: str,
+        system: str | None,
+        model: str,
+        question: str | None = None,
+    ) -> dict:
+        """Starts a conversation, empty or with `question` as its first user message (in the
+        same transaction: a turn's storage before its first chunk); returns its summary."""
         now = self.clock()
         row = {
             "id": new_id(),
@@ -105,22 +115,21 @@ class Conversations:
             "created_at": now,
             "updated_at": now,
         }
+        first = None if question is None else _message_row(row["id"], "user", question, now=now)
         with self.engine.begin() as connection:
-            connection.execute(conversations.insert().values(row))
-        return _summary({**row, "message_count": 0})
+            connection.execute(_INSERT_CONVERSATION, row)
+            if first is not None:
+                connection.execute(_INSERT_MESSAGE, first)
+        return _summary({**row, "message_count": 0 if first is None else 1})
 
     def get(self, client: str, conversation_id: str) -> dict:
         """The conversation with its messages, oldest first."""
-        with self.engine.connect() as connection:
-            row = connection.execute(
-                sa.select(conversations).where(_owned(client, conversation_id))
-            ).first()
+        with self._reads.connect() as connection:
+            row = connection.execute(_SELECT_OWNED, _owner(client, conversation_id)).first()
             if row is None:
                 raise _not_found()
             stored = connection.execute(
-                sa.select(messages)
-                .where(messages.c.conversation_id == conversation_id)
-                .order_by(messages.c.seq)
+                _SELECT_MESSAGES, {"conversation_id": conversation_id}
             ).all()
         return {
             "id": row.id,
@@ -148,7 +157,7 @@ class Conversations:
             .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
             .limit(limit)
         )
-        with self.engine.connect() as connection:
+        with self._reads.connect() as connection:
             if before:
                 query = query.where(self._before(connection, client, before))
             rows = connection.execute(query).all()
@@ -157,7 +166,7 @@ class Conversations:
     @staticmethod
     def _before(connection: sa.Connection, client: str, cursor: str) -> sa.ColumnElement[bool]:
         updated_at = connection.execute(
-            sa.select(conversations.c.updated_at).where(_owned(client, cursor))
+            sa.select(conversations.c.updated_at).where(_OWNED), _owner(client, cursor)
         ).scalar()
         if updated_at is not None:
             return sa.or_(
@@ -179,9 +188,8 @@ class Conversations:
         title = _valid_title(title)
         with self.engine.begin() as connection:
             renamed = connection.execute(
-                conversations.update()
-                .where(_owned(client, conversation_id))
-                .values(title=title, updated_at=self.clock())
+                _UPDATE_OWNED,
+                {**_owner(client, conversation_id), "title": title, "updated_at": self.clock()},
             )
             if renamed.rowcount == 0:
                 raise _not_found()
@@ -193,9 +201,7 @@ class Conversations:
     def delete(self, client: str, conversation_id: str) -> None:
         """Removes the conversation and its messages."""
         with self.engine.begin() as connection:
-            deleted = connection.execute(
-                conversations.delete().where(_owned(client, conversation_id))
-            )
+            deleted = connection.execute(_DELETE_OWNED, _owner(client, conversation_id))
             if deleted.rowcount == 0:
                 raise _not_found()
 
@@ -213,33 +219,21 @@ class Conversations:
         """Appends a message and marks the conversation updated. An assistant message names the
         model that wrote it, which becomes the conversation's model (the next turn's default);
         `partial` marks an answer cut short by a failure or a client that left."""
-        if role not in ROLES:
-            raise ApiError("invalid_value", f"role must be one of {', '.join(sorted(ROLES))}.")
-        if not isinstance(content, str):
-            raise ApiError("invalid_value", "content must be a string.")
         now = self.clock()
+        row = _message_row(
+            conversation_id, role, content, now=now, partial=partial, model=model, usage=usage
+        )
         changes: dict[str, Any] = {"updated_at": now}
-        if role == "assistant" and model:
-            changes["model"] = clean_text(model)
-        row = {
-            "id": new_id(),
-            "conversation_id": conversation_id,
-            "role": role,
-            "content": clean_text(content),
-            "partial": bool(partial),
-            "model": clean_text(model) if model else None,
-            "prompt_tokens": _count((usage or {}).get("prompt_tokens")),
-            "completion_tokens": _count((usage or {}).get("completion_tokens")),
-            "created_at": now,
-        }
+        if role == "assistant" and row["model"]:
+            changes["model"] = row["model"]
         with self.engine.begin() as connection:
             # Writing first takes SQLite's write lock at once, and checks ownership in one step.
             touched = connection.execute(
-                conversations.update().where(_owned(client, conversation_id)).values(changes)
+                _UPDATE_OWNED, {**_owner(client, conversation_id), **changes}
             )
             if touched.rowcount == 0:
                 raise _not_found()
-            connection.execute(messages.insert().values(row))
+            connection.execute(_INSERT_MESSAGE, row)
         return _message(row)
 
 
@@ -259,8 +253,55 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def _owned(client: str, conversation_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(conversations.c.id == conversation_id, conversations.c.client == client)
+# The statements of the hot path (a turn's storage), built once and run with parameters, so that
+# SQLAlchemy compiles each once and then finds it in its cache. An UPDATE sets the columns its
+# parameters name.
+_OWNED = sa.and_(
+    conversations.c.id == sa.bindparam("owned_id"), conversations.c.client == sa.bindparam("owner")
+)
+_INSERT_CONVERSATION = conversations.insert()
+_INSERT_MESSAGE = messages.insert()
+_UPDATE_OWNED = conversations.update().where(_OWNED)
+_DELETE_OWNED = conversations.delete().where(_OWNED)
+_SELECT_OWNED = sa.select(conversations).where(_OWNED)
+_SELECT_MESSAGES = (
+    sa.select(messages)
+    .where(messages.c.conversation_id == sa.bindparam("conversation_id"))
+    .order_by(messages.c.seq)
+)
+
+
+def _owner(client: str, conversation_id: str) -> dict[str, str]:
+    """The parameters of `_OWNED`: the conversation, if it belongs to `client`."""
+    return {"owned_id": conversation_id, "owner": client}
+
+
+def _message_row(
+    conversation_id: str,
+    role: str,
+    content: str,
+    *,
+    now: dt.datetime,
+    partial: bool = False,
+    model: str | None = None,
+    usage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A message's row, checked: what `add_message` and `create(question=…)` both store."""
+    if role not in ROLES:
+        raise ApiError("invalid_value", f"role must be one of {', '.join(sorted(ROLES))}.")
+    if not isinstance(content, str):
+        raise ApiError("invalid_value", "content must be a string.")
+    return {
+        "id": new_id(),
+        "conversation_id": conversation_id,
+        "role": role,
+        "content": clean_text(content),
+        "partial": bool(partial),
+        "model": clean_text(model) if model else None,
+        "prompt_tokens": _count((usage or {}).get("prompt_tokens")),
+        "completion_tokens": _count((usage or {}).get("completion_tokens")),
+        "created_at": now,
+    }
 
 
 def _not_found() -> ApiError:

@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from .. import metrics, requestlog
-from ..db import clean_text, ledger, utc_now
+from ..db import autocommit, clean_text, ledger, utc_now
 from ..errors import ApiError
 from ..settings import ModelPrice
 from .context import estimate_prompt_tokens, estimate_tokens
@@ -102,6 +102,16 @@ class Ledger:
             name.lower(): price for name, price in {**DEFAULT_PRICES, **(prices or {})}.items()
         }
         self.clock = clock
+        # The insert and the budget's sum are one statement each, atomic by themselves.
+        self._autocommit = autocommit(engine)
+        # Built once and run with each row as parameters: SQLAlchemy then compiles it once and
+        # finds it in its cache, instead of building and keying a new statement per call.
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._insert = (
+            dialect.insert(ledger)
+            .on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(ledger.c.id)  # a row only when inserted (rowcount is unreliable here)
+        )
 
     def price(self, model: str) -> ModelPrice | None:
         """The price of `model`: its own entry, else the longest prefix that names it."""
@@ -148,15 +158,8 @@ class Ledger:
             "created_at": now,
             "day": now.date(),
         }
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        statement = (
-            dialect.insert(ledger)
-            .values(row)
-            .on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(ledger.c.id)  # a row only when inserted (rowcount is unreliable here)
-        )
-        with self.engine.begin() as connection:
-            inserted = connection.execute(statement).first() is not None
+        with self._autocommit.begin() as connection:  # commits on SQLite
+            inserted = connection.execute(self._insert, row).first() is not None
         if inserted:
             _count(row)
         return inserted
@@ -204,11 +207,9 @@ class Ledger:
 
     def tokens_today(self, client: str) -> int:
         """Tokens the client spent in the current UTC day."""
-        query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.total_tokens), 0)).where(
-            ledger.c.client == client, ledger.c.day == self._today()
-        )
-        with self.engine.connect() as connection:
-            return int(connection.execute(query).scalar_one())
+        parameters = {"client": client, "day": self._today()}
+        with self._autocommit.connect() as connection:
+            return int(connection.execute(_TOKENS_TODAY, parameters).scalar_one())
 
     def check_budget(self, client: str, daily_token_budget: int) -> None:
         """Raises `budget_exceeded` (429, `Retry-After` until UTC midnight) once the client's
@@ -223,6 +224,12 @@ class Ledger:
 
     def _today(self) -> dt.date:
         return self.clock().astimezone(dt.UTC).date()
+
+
+# Built once, like the insert: `check_budget` runs before every call when a budget is set.
+_TOKENS_TODAY = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.total_tokens), 0)).where(
+    ledger.c.client == sa.bindparam("client"), ledger.c.day == sa.bindparam("day")
+)
 
 
 def _count(row: Mapping[str, Any]) -> None:

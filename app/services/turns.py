@@ -101,12 +101,14 @@ class ConversationChat:
     def _store_question(
         self, client: str, turn: Turn, conversation: dict | None, model: str
     ) -> str:
+        """Stores the turn's question: a new conversation and its question in one transaction."""
         if conversation is None:
-            conversation = self.conversations.create(
+            return self.conversations.create(
                 client,
                 title=title_from(turn.message),
                 system=turn.system or self.settings.system_prompt or None,
                 model=model,
-            )
+                question=turn.message,
+            )["id"]
         self.conversations.add_message(client, conversation["id"], "user", turn.message)
         return conversation["id"]
