@@ -22,13 +22,20 @@ _END = object()
 
 
 def pace(
-    chunks: Iterator[bytes], *, idle_every: float, max_seconds: float, on_stop: Callable[[], None]
+    chunks: Iterator[bytes],
+    *,
+    idle_every: float,
+    max_seconds: float,
+    on_stop: Callable[[], None],
+    joined: bool = False,
 ) -> Iterator[bytes | object]:
     """Yields each chunk as it arrives, and `IDLE` after every `idle_every` seconds of silence.
 
     Raises `ApiError("upstream_timeout")` once the whole relay has lasted `max_seconds`, and
     re-raises in the caller's thread what reading the upstream raised. `on_stop` (which must
     wake a blocked reader, e.g. by closing the upstream connection) runs when the caller stops.
+    With `joined`, the chunks already waiting when the caller asks are handed on as one piece:
+    a caller that fell behind catches up in one write instead of one per chunk.
     """
     inbox: queue.Queue = queue.Queue(maxsize=256)
     stopped = threading.Event()
@@ -57,11 +64,16 @@ def pace(
             except queue.Empty:
                 yield IDLE
                 continue
-            if item is _END:
+            batch = [item]
+            while joined and not inbox.empty():  # one reader, and nothing comes after the end
+                batch.append(inbox.get_nowait())
+            end = batch.pop() if batch[-1] is _END or isinstance(batch[-1], BaseException) else None
+            if batch:
+                yield batch[0] if len(batch) == 1 else b"".join(batch)
+            if end is _END:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if end is not None:
+                raise end
     finally:
         stopped.set()
         on_stop()

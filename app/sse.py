@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 HEARTBEAT = b": ping\n\n"
+_LINE_ENDS = (b"\n", b"\r")
+# One encoder for every event: `json.dumps` with options builds a new one per call (~1.5 µs).
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def event(name: str, data: object) -> bytes:
     """One SSE event whose data is compact JSON (one line, so no data continuation is needed)."""
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {name}\ndata: {payload}\n\n".encode()
+    return f"event: {name}\ndata: {_COMPACT.encode(data)}\n\n".encode()
 
 
 @dataclass(frozen=True)
@@ -38,20 +39,25 @@ class EventReader:
     def at_boundary(self) -> bool:
         return not self._buffer and not self._data and not self._name
 
-    def feed(self, chunk: bytes) -> Iterator[Event]:
-        if chunk and self._skip_lf:
+    def feed(self, chunk: bytes) -> list[Event]:
+        """The events that `chunk` completes. Lines end in LF, CRLF or CR, which is exactly
+        what `bytes.splitlines` splits on; one C call per chunk instead of a search per line."""
+        if not chunk:
+            return []
+        if self._skip_lf:
             chunk = chunk.removeprefix(b"\n")
             self._skip_lf = False
-        self._buffer += chunk
-        while True:
-            line, separator, rest = _split_line(self._buffer)
-            if not separator:
-                return
-            self._buffer = rest
-            self._skip_lf = separator == b"\r" and not rest
-            ready = self._line(line.decode("utf-8", errors="replace"))
+        lines = (self._buffer + chunk).splitlines(keepends=True)
+        self._buffer = lines.pop() if lines and not lines[-1].endswith(_LINE_ENDS) else b""
+        if not lines:
+            return []
+        self._skip_lf = not self._buffer and lines[-1].endswith(b"\r")
+        events = []
+        for line in lines:
+            ready = self._line(line.rstrip(b"\r\n").decode("utf-8", errors="replace"))
             if ready is not None:
-                yield ready
+                events.append(ready)
+        return events
 
     def _line(self, line: str) -> Event | None:
         if not line:
@@ -60,23 +66,12 @@ class EventReader:
             ready = Event(self._name or "message", "\n".join(self._data))
             self._name, self._data = "", []
             return ready
-        if line.startswith(":"):
-            return None
         field, _, value = line.partition(":")
+        if not field:  # a comment
+            return None
         value = value[1:] if value.startswith(" ") else value
         if field == "data":
             self._data.append(value)
         elif field == "event":
             self._name = value
         return None
-
-
-def _split_line(buffer: bytes) -> tuple[bytes, bytes, bytes]:
-    """Splits off the first line ending in LF, CRLF or CR."""
-    lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
-    if cr == -1 or (lf != -1 and lf < cr):
-        if lf == -1:
-            return buffer, b"", b""
-        return buffer[:lf], b"\n", buffer[lf + 1 :]
-    skip = 2 if buffer[cr + 1 : cr + 2] == b"\n" else 1
-    return buffer[:cr], b"\r", buffer[cr + skip :]

@@ -137,7 +137,7 @@ def _events(stream: ChatStream, conversation_id: str | None, environ: dict) -> I
         requestlog.current().error = exc.code
         yield sse.event("error", exc.body())
     finally:
-        stream.close()
+        stream.stop()  # the ledger row and stored answer: in close(), after the last bytes
 
 
 @bp.get("/chat/conversations")

@@ -89,4 +89,4 @@ def _text(stream: ChatStream, environ: dict) -> Iterator[bytes]:
         requestlog.current().error = exc.code
         yield f"\nerror: {exc.message}\n".encode()
     finally:
-        stream.close()
+        stream.stop()  # the ledger row and stored answer: in close(), after the last bytes

@@ -201,7 +201,7 @@ class ChatStream:
             self._replay(completion) if completion else self._read(max_seconds)
         )
         self._on_close: list[Callable[[ChatStream], None]] = []
-        self._closed = False
+        self._stopped = self._closed = False
         self._in_progress = metrics.STREAMS_IN_PROGRESS.labels(endpoint)
         self._in_progress.inc()
 
@@ -237,13 +237,23 @@ class ChatStream:
     def __iter__(self) -> Iterator[Delta | Finish | object]:
         return self._items
 
+    def stop(self) -> None:
+        """Stops reading the upstream. The callbacks wait for `close()`, which the server calls
+        once the response's last bytes went out: the client does not wait for the database."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._items.close()
+        finally:
+            self._answer.close()
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._items.close()
-            self._answer.close()
+            self.stop()
         finally:
             try:
                 for callback in self._on_close:
@@ -265,6 +275,7 @@ class ChatStream:
             idle_every=IDLE_EVERY,
             max_seconds=max_seconds,
             on_stop=self._answer.close,
+            joined=True,
         )
         try:
             for piece in paced:

@@ -7,10 +7,11 @@ events, and a body that breaks midway cuts the client's connection instead of en
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,40 +126,43 @@ class Passthrough:
 
     def relay(
         self, answer: UpstreamAnswer, environ: dict, metered: Metered | None = None
-    ) -> Iterator[bytes]:
+    ) -> Iterable[bytes]:
         """The upstream's body as it arrives; heartbeats between the events of an event stream.
 
         With `metered`, what a successful answer spent goes to the ledger once the relay ends,
         however it ends: only an answer relayed to its end is whole, anything else is partial.
+        A stream's row is written once the response is closed, after its last bytes; a whole
+        answer's before them, so that a client asking again at once meets its budget spent.
         """
         meter = Meter(metered.request_json if metered else None)
-        relayed = (
-            self._relay_events(answer, environ, meter)
-            if "text/event-stream" in answer.content_type
-            else self._relay_bytes(answer, environ, meter)
+        record = None
+        if metered is not None and 200 <= answer.status < 300:
+            record = functools.partial(self._record, meter, metered)
+        if "text/event-stream" not in answer.content_type:
+            return self._relay_bytes(answer, environ, meter, record)
+        relayed = self._relay_events(answer, environ, meter)
+        return MeteredBody(relayed, answer, record) if record else relayed
+
+    def _record(self, meter: Meter, metered: Metered) -> None:
+        prompt, completion, estimated = meter.tokens()
+        self.ledger.record(
+            request_id=uuid.uuid4().hex,
+            client=metered.client,
+            model=meter.model or "unknown",
+            endpoint=metered.endpoint,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimated=estimated,
+            partial=not meter.whole,
         )
-        if metered is None or not 200 <= answer.status < 300:
-            return relayed
-        return self._metered(relayed, meter, metered)
 
-    def _metered(self, relayed: Iterator[bytes], meter: Meter, metered: Metered) -> Iterator[bytes]:
-        try:
-            yield from relayed
-        finally:
-            relayed.close()
-            prompt, completion, estimated = meter.tokens()
-            self.ledger.record(
-                request_id=uuid.uuid4().hex,
-                client=metered.client,
-                model=meter.model or "unknown",
-                endpoint=metered.endpoint,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                estimated=estimated,
-                partial=not meter.whole,
-            )
-
-    def _relay_bytes(self, answer: UpstreamAnswer, environ: dict, meter: Meter) -> Iterator[bytes]:
+    def _relay_bytes(
+        self,
+        answer: UpstreamAnswer,
+        environ: dict,
+        meter: Meter,
+        record: Callable[[], None] | None,
+    ) -> Iterator[bytes]:
         try:
             for piece in answer.iter_bytes():
                 meter.body(piece)
@@ -169,6 +173,8 @@ class Passthrough:
             cut_connection(environ)
         finally:
             answer.close()
+            if record:
+                record()
 
     def _relay_events(self, answer: UpstreamAnswer, environ: dict, meter: Meter) -> Iterator[bytes]:
         reader = sse.EventReader()
@@ -177,6 +183,7 @@ class Passthrough:
             idle_every=IDLE_EVERY,
             max_seconds=self.settings.max_stream_seconds,
             on_stop=answer.close,
+            joined=True,
         )
         in_progress = metrics.STREAMS_IN_PROGRESS.labels("/v1")
         in_progress.inc()
@@ -209,3 +216,33 @@ class Passthrough:
         finally:
             paced.close()
             in_progress.dec()
+
+
+class MeteredBody:
+    """A relayed answer as a WSGI iterable whose `close()` writes its ledger row, once.
+
+    The server calls `close()` after the response's last bytes went out (PEP 3333), also when
+    the client left midway or the body was never read: the client does not wait for the
+    database, and the row is written exactly once however the relay ended.
+    """
+
+    def __init__(
+        self, relayed: Iterator[bytes], answer: UpstreamAnswer, record: Callable[[], None]
+    ):
+        self._relayed = relayed
+        self._answer = answer
+        self._record = record
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._relayed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._relayed.close()
+            self._answer.close()  # a body never read was never opened by the relay
+        finally:
+            self._record()
