@@ -1,6 +1,6 @@
-"""Rate limits: `RATE_LIMIT` per client on the routes that reach the upstream, with Flask-Limiter.
+"""Rate limits: `RATE_LIMIT` per client on the routes that reach the upstream.
 
-A client is its access token's name, else its address: the limiter keys on `auth.client_name()`,
+A client is its access token's name, else its address: the check keys on `auth.client_name()`,
 which `auth.authenticate` sets, so `init_app` runs after `auth.init_app` (Flask calls
 `before_request` hooks in the order they were added). Only `/callChatGPT`, `POST /chat` and
 `/v1/…` spend the allowance, all three from one bucket; pages, static files, probes,
@@ -11,10 +11,15 @@ spent, further failures from that address get 429 instead of 401, which slows a 
 `RATE_LIMIT`. A valid token is a client of its own (its name) and is never refused for the
 failures of others behind the same address.
 
+The counting is `limits`' fixed windows (the library under Flask-Limiter), with the keys
+Flask-Limiter gave them (`chatgpt-proxy/<client>/global`). Flask-Limiter itself is not used: it
+resolves, parses and sorts the limits again on every request (~150 µs measured), where this
+module does one counter increment.
+
 `memory://` keeps the counters in the process; with gunicorn's one gevent worker that is the
 whole service. `redis://…` shares them between processes and machines. When Redis does not
-answer, Flask-Limiter counts in each process's memory (logged once) and goes back to Redis once
-it answers again (it looks again after 1, 2, 4 … 32 s); `/readyz` says `degraded` meanwhile.
+answer, each process counts in its own memory (logged once) and goes back to Redis once it
+answers again (it looks again after 1, 2, 4 … 32 s); `/readyz` says `degraded` meanwhile.
 """
 
 from __future__ import annotations
@@ -22,76 +27,169 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 
-from flask import Flask, Response, request
-from flask_limiter import Limiter
-from flask_limiter.errors import RateLimitExceeded
+from flask import Flask, Response, g, request
 from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
-from limits.storage import MemoryStorage
+from limits.storage import Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from . import auth
-from .errors import ApiError, render
+from .errors import ApiError
 
 log = logging.getLogger("chatproxy")
+storage_log = log.getChild("limits")  # "storage unreachable" / "recovered"
 
 UPSTREAM_ENDPOINTS = frozenset({"legacy.call_chatgpt", "chat.chat", "passthrough.relay"})
 KEY_PREFIX = "chatgpt-proxy"  # several services may share one Redis database
+SCOPE = "global"  # Flask-Limiter's scope for an application-wide limit: the same Redis keys
 # Seconds Redis may take to connect or to answer before a request counts in memory instead.
 STORAGE_TIMEOUT = 2.0
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+MAX_LOOK_INTERVAL = 32.0  # seconds between looks at an unreachable Redis, at most
+SWEEP_EVERY = 60.0  # seconds between two passes that drop the counters of ended windows
+
+
+class WindowCounts(Storage):
+    """Fixed-window counters of one process, for `limits`' `FixedWindowRateLimiter`.
+
+    `limits.storage.MemoryStorage` starts a timer thread (a greenlet under gevent) every 10 ms of
+    traffic to expire its counters: ~60 µs of a request measured; ended windows are dropped
+    here by the requests themselves, once a minute.
+    """
+
+    STORAGE_SCHEME = None  # not selectable by URI: `memory://` is mapped to it by `init_app`
+
+    def __init__(self, sweep_every: float = SWEEP_EVERY) -> None:
+        super().__init__()
+        self._windows: dict[str, list] = {}  # key -> [end of its window, count]
+        self._lock = threading.Lock()  # gthread workers count from several threads
+        self._sweep_every = sweep_every
+        self._next_sweep = time.time() + sweep_every
+
+    @property
+    def base_exceptions(self) -> tuple[type[Exception], ...]:
+        return ()
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+        with self._lock:
+            if now >= self._next_sweep:
+                self._windows = {k: w for k, w in self._windows.items() if w[0] > now}
+                self._next_sweep = now + self._sweep_every
+            window = self._windows.get(key)
+            if window is None or window[0] <= now:
+                window = self._windows[key] = [now + expiry, 0]
+            window[1] += amount
+            return window[1]
+
+    def get(self, key: str) -> int:
+        window = self._windows.get(key)
+        return window[1] if window and window[0] > time.time() else 0
+
+    def get_expiry(self, key: str) -> float:
+        now = time.time()
+        window = self._windows.get(key)
+        return window[0] if window and window[0] > now else now
+
+    def check(self) -> bool:
+        return True
+
+    def reset(self) -> int | None:
+        with self._lock:
+            count, self._windows = len(self._windows), {}
+        return count
+
+    def clear(self, key: str) -> None:
+        self._windows.pop(key, None)
 
 
 class RateLimits:
-    """The limits of one app: Flask-Limiter on the upstream routes, and failed authentications
-    per address counted in the same storage."""
+    """The limits of one app: `RATE_LIMIT` per client on the upstream routes, and failed
+    authentications per address, in the configured storage or, while it fails, in memory."""
 
-    def __init__(self, limiter: Limiter, rate_limit: str, shared: bool):
-        self.limiter = limiter
-        self.items: list[RateLimitItem] = parse_many(rate_limit)
-        self.shared = shared
-        # For failed authentications when Redis fails before Flask-Limiter has noticed.
-        self._memory = FixedWindowRateLimiter(MemoryStorage())
-
-    @property
-    def in_fallback(self) -> bool:
-        """Whether Flask-Limiter counts in this process's memory because Redis did not answer."""
-        return self.limiter.limiter.storage is not self.limiter.storage
+    def __init__(self, rate_limit: str, storage_uri: str):
+        # Smallest window first: it is the one the headers describe, as with Flask-Limiter.
+        self.items: list[RateLimitItem] = sorted(parse_many(rate_limit))
+        self.shared = not storage_uri.startswith("memory:")
+        memory = FixedWindowRateLimiter(WindowCounts())
+        if self.shared:
+            self.storage = storage_from_string(
+                storage_uri,
+                wrap_exceptions=True,
+                socket_connect_timeout=STORAGE_TIMEOUT,
+                socket_timeout=STORAGE_TIMEOUT,
+            )
+            self._configured = FixedWindowRateLimiter(self.storage)
+        else:
+            self.storage, self._configured = memory.storage, memory
+        self._memory = memory
+        self.in_fallback = False  # counting in memory because Redis did not answer
+        self._looks = 0  # looks at Redis since it failed
+        self._last_look = 0.0
 
     def storage_state(self) -> str:
         """`memory` (as configured), `ok` (Redis answers and is used), or `unreachable`
         (Redis does not answer, or has not been looked at again yet: limits are per process)."""
         if not self.shared:
             return "memory"
-        if self.in_fallback or not self.limiter.storage.check():
-            return "unreachable"
-        return "ok"
+        if self.in_fallback:
+            self._look_again()
+            return "unreachable" if self.in_fallback else "ok"
+        return "ok" if self._safe_check() else "unreachable"
+
+    def check_request(self) -> None:
+        """`before_request`: spends one request of the client's allowance on the upstream
+        routes; 429 once it is spent."""
+        if request.endpoint not in UPSTREAM_ENDPOINTS or request.method == "OPTIONS":
+            return
+        identifiers = (KEY_PREFIX, auth.client_name(), SCOPE)
+        g.rate_limit = (self.items[0], identifiers)
+        for item in self.items:
+            if not self._call("hit", item, identifiers):
+                g.rate_limit = (item, identifiers)
+                raise self._exceeded(item, identifiers)
+
+    def add_headers(self, response: Response) -> Response:
+        """`X-RateLimit-*` on the limited routes: the allowance, what is left, and when it
+        resets (Unix time)."""
+        limit = g.get("rate_limit")
+        if limit is None:
+            return response
+        item, identifiers = limit
+        try:
+            reset, remaining = self._strategy().get_window_stats(item, *identifiers)
+        except StorageError:  # failed since the check: the headers are only a hint
+            return response
+        response.headers.update(_headers(item, remaining, reset))
+        return response
 
     def refuse_spent_address(self, address: str) -> None:
         """429 once `address` has spent its allowance on failed authentications."""
+        identifiers = (KEY_PREFIX, "failed-authentication", address)
         for item in self.items:
-            if not self._failures("test", item, address):
-                raise self._failures_exceeded(item, address)
+            if not self._call("test", item, identifiers):
+                raise self._failures_exceeded(item, identifiers, address)
 
     def count_failed_authentication(self, address: str) -> None:
+        identifiers = (KEY_PREFIX, "failed-authentication", address)
         for item in self.items:
-            self._failures("hit", item, address)
+            self._call("hit", item, identifiers)
 
-    def _failures(self, method: str, item: RateLimitItem, address: str) -> bool:
-        identifiers = (KEY_PREFIX, "failed-authentication", address)
-        try:
-            return getattr(self.limiter.limiter, method)(item, *identifiers)
-        except StorageError:
-            return getattr(self._memory, method)(item, *identifiers)
+    def _exceeded(self, item: RateLimitItem, identifiers: tuple[str, ...]) -> ApiError:
+        wait = _seconds_until(self._reset_time(item, identifiers))
+        return ApiError(
+            "rate_limit_exceeded",
+            f"Too many requests: this client may make {item}; retry in {wait} s.",
+            headers={"Retry-After": str(wait)},
+        )
 
-    def _failures_exceeded(self, item: RateLimitItem, address: str) -> ApiError:
-        identifiers = (KEY_PREFIX, "failed-authentication", address)
-        try:
-            reset = self.limiter.limiter.get_window_stats(item, *identifiers).reset_time
-        except StorageError:
-            reset = self._memory.get_window_stats(item, *identifiers).reset_time
+    def _failures_exceeded(
+        self, item: RateLimitItem, identifiers: tuple[str, ...], address: str
+    ) -> ApiError:
+        reset = self._reset_time(item, identifiers)
         wait = _seconds_until(reset)
         return ApiError(
             "rate_limit_exceeded",
@@ -100,35 +198,44 @@ class RateLimits:
             headers={"Retry-After": str(wait), **_headers(item, 0, reset)},
         )
 
-    def render_exceeded(self, exc: RateLimitExceeded) -> Response:
-        """Our JSON (or text) 429 with `Retry-After`, never Flask-Limiter's HTML page."""
-        item = exc.limit.limit
-        current = self.limiter.current_limit
+    def _reset_time(self, item: RateLimitItem, identifiers: tuple[str, ...]) -> float:
         try:
-            reset = current.window.reset_time if current else time.time() + item.get_expiry()
+            return self._strategy().get_window_stats(item, *identifiers).reset_time
         except StorageError:  # failed since the check: the whole window is an upper bound
-            reset = time.time() + item.get_expiry()
-        wait = _seconds_until(reset)
-        return render(
-            ApiError(
-                "rate_limit_exceeded",
-                f"Too many requests: this client may make {item}; retry in {wait} s.",
-                headers={"Retry-After": str(wait)},
-            )
-        )
+            return time.time() + item.get_expiry()
 
-    def add_headers(self, response: Response) -> Response:
-        """`X-RateLimit-*` on the limited routes: the allowance, what is left, and when it
-        resets (Unix time)."""
-        current = self.limiter.current_limit
-        if current is None:
-            return response
+    def _strategy(self) -> FixedWindowRateLimiter:
+        return self._memory if self.in_fallback else self._configured
+
+    def _call(self, method: str, item: RateLimitItem, identifiers: tuple[str, ...]) -> bool:
+        """`hit` or `test` in the storage in use, moving to memory when Redis fails."""
+        if self.in_fallback:
+            self._look_again()
         try:
-            reset, remaining = current.window
-        except StorageError:  # failed since the check: the headers are only a hint
-            return response
-        response.headers.update(_headers(current.limit, remaining, reset))
-        return response
+            return getattr(self._strategy(), method)(item, *identifiers)
+        except StorageError:
+            if not self.in_fallback:
+                storage_log.warning(
+                    "Rate limit storage unreachable - falling back to in-memory storage"
+                )
+                self.in_fallback, self._looks, self._last_look = True, 0, time.time()
+            return getattr(self._memory, method)(item, *identifiers)
+
+    def _look_again(self) -> None:
+        """Goes back to Redis when it answers again, looking at most after 1, 2, 4 … 32 s."""
+        now = time.time()
+        if now - self._last_look <= min(2.0**self._looks, MAX_LOOK_INTERVAL):
+            return
+        self._last_look, self._looks = now, self._looks + 1
+        if self._safe_check():
+            storage_log.info("Rate limit storage recovered")
+            self.in_fallback = False
+
+    def _safe_check(self) -> bool:
+        try:
+            return self.storage.check()
+        except StorageError:
+            return False
 
 
 def _seconds_until(reset: float) -> int:
@@ -140,38 +247,14 @@ def _headers(item: RateLimitItem, remaining: int, reset: float) -> dict[str, str
     return dict(zip(LIMIT_HEADERS, values, strict=True))
 
 
-def _exempt() -> bool:
-    return request.method == "OPTIONS" or request.endpoint not in UPSTREAM_ENDPOINTS
-
-
 def init_app(app: Flask) -> RateLimits:
     """Binds the limits to `app`; call after `auth.init_app`, whose client name is the key."""
     settings = app.config["SETTINGS"]
-    shared = not settings.ratelimit_storage_uri.startswith("memory:")
-    options: dict = {"wrap_exceptions": True}
-    if shared:
-        options.update(socket_connect_timeout=STORAGE_TIMEOUT, socket_timeout=STORAGE_TIMEOUT)
-    limiter = Limiter(
-        auth.client_name,
-        application_limits=[settings.rate_limit],
-        application_limits_exempt_when=_exempt,
-        strategy="fixed-window",
-        storage_uri=settings.ratelimit_storage_uri,
-        storage_options=options,
-        in_memory_fallback_enabled=True,
-        # A request whose Redis call fails while another request is switching to memory
-        # passes unlimited, rather than failing with a 500.
-        swallow_errors=True,
-        headers_enabled=False,  # ours: Flask-Limiter's put Retry-After on every 200
-        key_prefix=KEY_PREFIX,
-    )
-    limiter.logger = log.getChild("limits")  # "storage unreachable" / "recovered", redacted
-    limiter.init_app(app)
-    rate_limits = RateLimits(limiter, settings.rate_limit, shared)
+    rate_limits = RateLimits(settings.rate_limit, settings.ratelimit_storage_uri)
     app.extensions["rate_limits"] = rate_limits
-    app.register_error_handler(RateLimitExceeded, rate_limits.render_exceeded)
+    app.before_request(rate_limits.check_request)
     app.after_request(rate_limits.add_headers)
-    _warn_if_per_process(shared)
+    _warn_if_per_process(rate_limits.shared)
     return rate_limits
 
 

@@ -85,7 +85,7 @@ def _finish(response: Response) -> Response:
     entry = _Entry(
         record,
         method=request.method,
-        path=quote(request.path, safe=_PATH_SAFE),  # no query string: it may hold a question
+        path=request.path,  # no query string: it may hold a question
         route=route_template(rule.rule) if rule else "unmatched",
         status=response.status_code,
         client=g.get("client_name", "-"),
@@ -111,9 +111,9 @@ class _Entry:
     def write(self) -> None:
         """Counts the request and logs its line; runs once the response has ended."""
         record = self.record
-        metrics.HTTP_REQUESTS.labels(self.route, self.method, str(self.status)).inc()
+        metrics.labelled(metrics.HTTP_REQUESTS, self.route, self.method, str(self.status)).inc()
         if record.error in REFUSALS:
-            metrics.RATE_LIMIT_REFUSALS.labels(record.error).inc()
+            metrics.labelled(metrics.RATE_LIMIT_REFUSALS, record.error).inc()
         level = logging.WARNING if self.status >= 500 else logging.INFO
         if self.quiet and self.status < 400:
             level = logging.DEBUG
@@ -121,10 +121,11 @@ class _Entry:
             return
         duration_ms = round((time.perf_counter() - record.started) * 1000, 1)
         tokens = record.prompt_tokens + record.completion_tokens
+        path = quote(self.path, safe=_PATH_SAFE)  # only for a line that is written
         fields = {
             "request_id": record.request_id,
             "method": self.method,
-            "path": self.path,
+            "path": path,
             "status": self.status,
             "duration_ms": duration_ms,
             "client": self.client,
@@ -144,7 +145,7 @@ class _Entry:
             level,
             '"%s %s" %d %.1fms client=%s request_id=%s attempts=%d tokens=%d%s',
             self.method,
-            self.path,
+            path,
             self.status,
             duration_ms,
             self.client,

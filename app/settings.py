@@ -6,6 +6,7 @@ cannot be used raises `ConfigError`, whose text is the one line the process prin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -104,11 +105,15 @@ class Settings:
 
 
 def _rule_matches(rule: str, method: str, path: str) -> bool:
+    rule_method, pattern = _parsed_rule(rule)
+    return (not rule_method or rule_method == method) and pattern.fullmatch(path) is not None
+
+
+@functools.cache  # the rules come from the settings: a few, parsed once instead of per request
+def _parsed_rule(rule: str) -> tuple[str, re.Pattern[str]]:
     """A rule is `glob` or `METHOD glob`; `*` stays within one path segment, `**` crosses them."""
     rule_method, _, glob = rule.partition(" ") if " " in rule else ("", "", rule)
-    if rule_method and rule_method != method:
-        return False
-    return _glob_regex(glob).fullmatch(path) is not None
+    return rule_method, _glob_regex(glob)
 
 
 def _glob_regex(glob: str) -> re.Pattern[str]:

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 import pytest
 from requests.structures import CaseInsensitiveDict
 
+from app import create_app
 from app.errors import ApiError
 from app.jsonbody import MAX_DEPTH, parse_json
 from app.keypool import KeyPool, mask_key, redact
+from app.limits import WindowCounts
 from app.logs import JsonFormatter, RedactingFilter
 from app.relay import IDLE, pace
 from app.settings import DEFAULT_V1_ALLOWED_PATHS, ConfigError, load_settings
@@ -509,6 +511,17 @@ def test_deep_nesting_is_refused(depth: int) -> None:
     assert_invalid_json(b'{"a":' * depth + b"1" + b"}" * depth)
 
 
+def test_a_value_inside_the_deepest_allowed_object_is_one_level_too_many() -> None:
+    assert parse_json(b'{"a":' * (MAX_DEPTH - 1) + b"1" + b"}" * (MAX_DEPTH - 1)) is not None
+    assert_invalid_json(b'{"a":' * MAX_DEPTH + b"1" + b"}" * MAX_DEPTH)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    raw = json.dumps({"content": "[{" * 500, "messages": [{"role": "user"}]}).encode()
+
+    assert parse_json(raw)["content"] == "[{" * 500
+
+
 @pytest.mark.parametrize(
     "raw",
     [b'{"input": "\xff"}', b'{"input": "\xc3"}', b'{"input": "\xed\xa0\x80"}', b"\xef\xbb"],
@@ -520,6 +533,42 @@ def test_invalid_utf8_is_refused(raw: bytes) -> None:
 @pytest.mark.parametrize("raw", [b"", b"{", b'{"a": 1,}', b"{'a': 1}", b'{"a": 1} x'])
 def test_unparsable_json_is_refused(raw: bytes) -> None:
     assert_invalid_json(raw)
+
+
+# --- rate limit counters ----------------------------------------------------------------------------
+
+
+def test_a_window_counter_starts_again_once_its_window_has_ended() -> None:
+    counts = WindowCounts()
+
+    assert [counts.incr("open", 60), counts.incr("open", 60)] == [1, 2]
+    assert [counts.incr("ended", 0), counts.incr("ended", 0)] == [1, 1]
+    assert (counts.get("open"), counts.get("ended")) == (2, 0)
+
+
+def test_ended_windows_are_dropped_from_memory() -> None:
+    counts = WindowCounts(sweep_every=0)
+    for key in ("a", "b", "c"):
+        counts.incr(key, 0)
+
+    counts.incr("open", 60)
+
+    assert counts.reset() == 1  # only "open" was still held
+
+
+def test_the_allowance_is_counted_under_the_keys_flask_limiter_used(tmp_path) -> None:
+    """Instances before and after the change share one count in Redis."""
+    settings = load_settings(
+        {"RATE_LIMIT": "5/minute", "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    )
+    app = create_app(settings)
+
+    with app.test_client() as client:
+        response = client.get("/v1/models")
+
+    assert response.headers["X-RateLimit-Remaining"] == "4"
+    storage = app.extensions["rate_limits"].storage
+    assert storage.get("LIMITER/chatgpt-proxy/127.0.0.1/global/5/1/minute") == 1
 
 
 # --- Retry-After -------------------------------------------------------------------------------------

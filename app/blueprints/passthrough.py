@@ -22,7 +22,8 @@ bp = Blueprint("passthrough", __name__)
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FORBIDDEN_CHARACTER = re.compile(r"[\\\x00-\x1f\x7f]")  # a backslash or a control character
+_MOVING_SEGMENTS = frozenset({"", ".", ".."})
 
 
 class AnyPathConverter(BaseConverter):
@@ -79,12 +80,11 @@ def _validated_path() -> tuple[str, str]:
         raise _invalid_path()
     raw_path = raw_path.removeprefix(prefix)
     once = unquote(raw_path)
-    for form in (raw_path, once, unquote(once)):
-        segments = form.split("/")
+    # Without a `%` the three forms are one: checked once.
+    for form in dict.fromkeys((raw_path, once, unquote(once))):
         if (
-            any(segment in ("", ".", "..") for segment in segments)
-            or "\\" in form
-            or _CONTROL.search(form)
+            not _MOVING_SEGMENTS.isdisjoint(form.split("/"))
+            or _FORBIDDEN_CHARACTER.search(form)
             or _SCHEME.match(form)
         ):
             raise _invalid_path()
