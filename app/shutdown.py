@@ -13,9 +13,10 @@ nothing is added per chunk.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .errors import ApiError
+if TYPE_CHECKING:  # the worker class imports this module in gunicorn's master, which has no Flask
+    from .errors import ApiError
 
 
 class Abortable(Protocol):
@@ -42,6 +43,8 @@ def relays_in_progress() -> int:
 
 def end_relays() -> int:
     """Aborts every answer still being relayed; returns how many there were."""
+    from .errors import ApiError
+
     with _lock:
         answers = list(_relaying)
     error = ApiError(
