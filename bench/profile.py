@@ -109,7 +109,7 @@ def read_stacks(path: Path) -> Counter:
 PARTS = [
     (
         "upstream call: requests + urllib3 (send, read the status and headers)",
-        ["Session.request ("],
+        ["UpstreamClient.send ("],
     ),
     (
         "upstream body: urllib3 + http.client reads",
@@ -118,7 +118,7 @@ PARTS = [
     ("closing the upstream response", ["UpstreamAnswer.close"]),
     ("ledger: SQLAlchemy + SQLite insert / budget", ["Ledger."]),
     ("conversation storage (/chat message)", ["Conversations.", "(app/services/turns.py)"]),
-    ("rate limit: Flask-Limiter", ["(flask_limiter/", "(limits/", "(app/limits.py)"]),
+    ("rate limit: app/limits.py on `limits`", ["(limits/", "(app/limits.py)"]),
     ("auth: client name", ["(app/auth.py)"]),
     (
         "request checks: path, JSON body, parameters",
