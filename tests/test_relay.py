@@ -82,6 +82,35 @@ def test_a_relayed_stream_is_recorded_when_closed_not_when_its_body_ends(
     assert (row.prompt_tokens, row.completion_tokens) == (2, 2)  # the fake's own count
 
 
+@pytest.mark.parametrize(
+    ("budget", "rows_when_the_body_ends"), [("0", 0), ("1000000", 1)], ids=["no-budget", "budget"]
+)
+def test_a_json_answer_is_recorded_on_close_or_with_a_budget_when_its_body_ends(
+    upstream: FakeUpstream, ledger: Ledger, budget: str, rows_when_the_body_ends: int
+) -> None:
+    """Without a budget the client does not wait for the database; with one, its next request
+    (to any instance) must meet the row, so the row comes before the last bytes."""
+    settings = load_settings(
+        {
+            "OPENAI_API_KEY": FAKE_KEY,
+            "OPENAI_BASE_URL": upstream.base_url,
+            "DAILY_TOKEN_BUDGET": budget,
+        }
+    )
+    passthrough = Passthrough(settings, UpstreamClient(settings), ledger)
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    metered = Metered("alice", "/v1/chat/completions", body)
+
+    relayed = passthrough.relay(send_stream(passthrough, body), {}, metered)
+    assert b'"chat.completion"' in b"".join(relayed)
+
+    assert len(rows(ledger)) == rows_when_the_body_ends
+    relayed.close()
+    relayed.close()
+    [row] = rows(ledger)
+    assert (row.client, row.partial, row.estimated) == ("alice", False, False)
+
+
 def test_a_stream_the_client_leaves_is_recorded_once_as_partial_on_close(
     upstream: FakeUpstream, ledger: Ledger
 ) -> None:

@@ -7,6 +7,7 @@ nothing a client sends changes which host receives the request.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socket
@@ -405,6 +406,32 @@ def test_upstream_status_type_and_body_come_back_as_sent(
     assert response.status_code == 418
     assert response.headers["Content-Type"] == "application/x-teapot; v=1"
     assert response.content == body
+
+
+def test_an_unencoded_answer_keeps_its_length_and_an_encoded_one_is_relayed_decoded(
+    service: Service, upstream: FakeUpstream
+) -> None:
+    """A whole length spares the chunked framing and lets a client see a cut body as cut."""
+    plain = json.dumps({"id": "chatcmpl-plain", "choices": []}).encode()
+    upstream.enqueue(respond(200, body=plain, content_type="application/json"))
+    upstream.enqueue(
+        respond(
+            200,
+            body=gzip.compress(plain),
+            content_type="application/json",
+            headers={"Content-Encoding": "gzip"},
+        )
+    )
+
+    with requests.Session() as session:
+        first = session.post(f"{service.url}/v1/chat/completions", json=CHAT, stream=True)
+        assert first.headers["Content-Length"] == str(len(plain))
+        assert "Transfer-Encoding" not in first.headers
+        assert first.raw.read() == plain
+        second = session.post(f"{service.url}/v1/chat/completions", json=CHAT, stream=True)
+        assert "Content-Encoding" not in second.headers
+        assert "Content-Length" not in second.headers  # the gzip length is not the body's
+        assert second.raw.read() == plain
 
 
 def test_upstream_404_error_comes_back_as_sent(service: Service, upstream: FakeUpstream) -> None:

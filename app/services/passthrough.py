@@ -39,11 +39,11 @@ REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "origin",
     "referer", "x-request-id",
 }  # fmt: skip
-# Never passed back: cookies and the identity of the upstream account; length and encoding are
-# recomputed because the body is relayed decoded.
+# Never passed back: cookies and the identity of the upstream account. An encoded body is relayed
+# decoded, so its encoding and length go too; an unencoded one keeps its length, which spares the
+# chunked framing and lets the client tell a cut body from a whole one.
 RESPONSE_DROP = HOP_BY_HOP | {
-    "set-cookie", "openai-organization", "openai-project", "content-length",
-    "content-encoding", "server", "date",
+    "set-cookie", "openai-organization", "openai-project", "content-encoding", "server", "date",
 }  # fmt: skip
 FINAL = ("x-should-retry", "false")
 IDLE_EVERY = 0.5
@@ -78,6 +78,8 @@ def _all(headers, name: str) -> list[str]:
 def client_headers(answer: UpstreamAnswer) -> list[tuple[str, str]]:
     """The upstream's headers that may reach the client."""
     named = {t.strip().lower() for t in answer.headers.get("connection", "").split(",")}
+    if "content-encoding" in answer.headers:
+        named.add("content-length")
     headers = [
         (name, value)
         for name, value in answer.headers.items()
@@ -131,17 +133,19 @@ class Passthrough:
 
         With `metered`, what a successful answer spent goes to the ledger once the relay ends,
         however it ends: only an answer relayed to its end is whole, anything else is partial.
-        A stream's row is written once the response is closed, after its last bytes; a whole
-        answer's before them, so that a client asking again at once meets its budget spent.
+        The row is written once the response is closed, after its last bytes, so the client
+        does not wait for the database; with a daily budget, before them instead, so that the
+        client's next request, to any instance, meets its budget spent.
         """
         meter = Meter(metered.request_json if metered else None)
-        record = None
-        if metered is not None and 200 <= answer.status < 300:
-            record = functools.partial(self._record, meter, metered)
-        if "text/event-stream" not in answer.content_type:
-            return self._relay_bytes(answer, environ, meter, record)
-        relayed = self._relay_events(answer, environ, meter)
-        return MeteredBody(relayed, answer, record) if record else relayed
+        if "text/event-stream" in answer.content_type:
+            relayed = self._relay_events(answer, environ, meter)
+        else:
+            relayed = self._relay_bytes(answer, environ, meter)
+        if metered is None or not 200 <= answer.status < 300:
+            return relayed
+        record = functools.partial(self._record, meter, metered)
+        return MeteredBody(relayed, answer, record, early=self.settings.daily_token_budget > 0)
 
     def _record(self, meter: Meter, metered: Metered) -> None:
         prompt, completion, estimated = meter.tokens()
@@ -156,13 +160,7 @@ class Passthrough:
             partial=not meter.whole,
         )
 
-    def _relay_bytes(
-        self,
-        answer: UpstreamAnswer,
-        environ: dict,
-        meter: Meter,
-        record: Callable[[], None] | None,
-    ) -> Iterator[bytes]:
+    def _relay_bytes(self, answer: UpstreamAnswer, environ: dict, meter: Meter) -> Iterator[bytes]:
         try:
             for piece in answer.iter_bytes():
                 meter.body(piece)
@@ -173,8 +171,6 @@ class Passthrough:
             cut_connection(environ)
         finally:
             answer.close()
-            if record:
-                record()
 
     def _relay_events(self, answer: UpstreamAnswer, environ: dict, meter: Meter) -> Iterator[bytes]:
         reader = sse.EventReader()
@@ -223,26 +219,37 @@ class MeteredBody:
 
     The server calls `close()` after the response's last bytes went out (PEP 3333), also when
     the client left midway or the body was never read: the client does not wait for the
-    database, and the row is written exactly once however the relay ended.
+    database, and the row is written exactly once however the relay ended. With `early`, a
+    body relayed to its end writes the row before the server sends those last bytes.
     """
 
     def __init__(
-        self, relayed: Iterator[bytes], answer: UpstreamAnswer, record: Callable[[], None]
+        self,
+        relayed: Iterator[bytes],
+        answer: UpstreamAnswer,
+        record: Callable[[], None],
+        *,
+        early: bool = False,
     ):
         self._relayed = relayed
         self._answer = answer
         self._record = record
-        self._closed = False
+        self._early = early
+        self._recorded = False
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._relayed
+        yield from self._relayed
+        if self._early:
+            self._record_once()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         try:
             self._relayed.close()
             self._answer.close()  # a body never read was never opened by the relay
         finally:
+            self._record_once()
+
+    def _record_once(self) -> None:
+        if not self._recorded:
+            self._recorded = True
             self._record()
