@@ -8,7 +8,9 @@ insert, is dialect-specific SQL (`ON CONFLICT DO NOTHING`) that Core writes dire
 SQLite is the default (`sqlite:///instance/chatproxy.db`, relative to the working directory);
 `postgresql://…` serves several machines. The tables below are the schema's head; Alembic
 migrations in `app/migrations/versions/` bring any older database up to it at start-up, under a
-lock, so that several workers or machines starting at once migrate it exactly once.
+lock, so that several workers or machines starting at once migrate it exactly once. A database
+already at the head is recognised without Alembic, which is imported only to migrate (it would
+add ~10 MB to every worker).
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.util import CommandError
 from flask import Flask
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,6 +35,8 @@ from sqlalchemy.pool import StaticPool
 log = logging.getLogger("chatproxy")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# The newest revision in migrations/versions/ (a test compares it with Alembic's head).
+SCHEMA_REVISION = "0002"
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another's lock before failing
 POSTGRES_CONNECT_TIMEOUT = 10  # seconds
 # pg_advisory_xact_lock key held while migrating: any constant the service owns ("chatprox").
@@ -280,10 +281,13 @@ def _forget_connections_after_fork(engine: Engine) -> None:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrates the database to `revision`, once, however many processes start at the same time.
 
-    The whole upgrade is one transaction that first takes a lock the other starters wait on: on
-    PostgreSQL an advisory lock, on SQLite the database's write lock (`BEGIN IMMEDIATE`). A
-    starter that gets the lock second finds the schema current and has nothing to do.
+    A database already at the head is left alone without importing Alembic. Otherwise the whole
+    upgrade is one transaction that first takes a lock the other starters wait on: on PostgreSQL
+    an advisory lock, on SQLite the database's write lock (`BEGIN IMMEDIATE`). A starter that
+    gets the lock second finds the schema current and has nothing to do.
     """
+    if revision == "head" and schema_revision(engine) == SCHEMA_REVISION:
+        return
     with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
             with connection.begin():
@@ -318,6 +322,10 @@ def _upgrade_sqlite(connection: sa.Connection, revision: str) -> None:
 
 def _run_alembic(connection: sa.Connection, revision: str) -> None:
     """Alembic on `connection`, inside the caller's transaction (env.py sees it and joins it)."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.util import CommandError
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -329,12 +337,19 @@ def _run_alembic(connection: sa.Connection, revision: str) -> None:
         ) from exc
 
 
-def schema_revision(engine: Engine) -> str | None:
-    """The Alembic revision the database is at, None before the first migration."""
-    from alembic.runtime.migration import MigrationContext
+# Alembic's bookkeeping table, read directly; not in `metadata`, which holds the service's tables.
+_alembic_version = sa.table("alembic_version", sa.column("version_num"))
 
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at, None before the first migration.
+
+    Read with SQLAlchemy so that a start with a current database need not import Alembic.
+    """
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not sa.inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(sa.select(_alembic_version.c.version_num)).scalar_one_or_none()
 
 
 def ping(engine: Engine) -> bool:

@@ -11,16 +11,20 @@ import datetime as dt
 import multiprocessing
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from app import db
 from app.services.conversations import Conversations
 from app.services.ledger import Ledger
+from tests.conftest import REPO
 
 pytest_plugins = ["tests.postgres"]
 
@@ -114,6 +118,37 @@ def test_a_database_of_the_first_schema_migrates_and_keeps_its_rows(database_url
         )
         is False
     )  # its exactly-once key survived the migration
+    engine.dispose()
+
+
+def test_schema_revision_names_the_newest_migration():
+    # A start compares the database with this constant instead of asking Alembic.
+    assert ScriptDirectory(str(db.MIGRATIONS)).get_heads() == [db.SCHEMA_REVISION]
+
+
+# One process starting the service: whether it had to import Alembic.
+START_PROBE = (
+    "import sys; from app import db; db.upgrade(db.create_engine(sys.argv[1])); "
+    "print('alembic' in sys.modules)"
+)
+
+
+def test_only_a_start_that_migrates_imports_alembic(database_url):
+    def start() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", START_PROBE, database_url],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            timeout=60,
+        ).stdout.strip()
+
+    engine = db.create_engine(database_url)
+    assert db.schema_revision(engine) is None  # a new database
+    assert start() == "True"
+    assert db.schema_revision(engine) == HEAD
+    assert start() == "False"
     engine.dispose()
 
 

@@ -2,8 +2,10 @@
 
 That connection is already inside a transaction holding the migration lock, so Alembic joins it
 rather than committing on its own. New revisions are written by hand in `versions/`: copy the
-newest, set `down_revision` to its `revision`, and change `app.db`'s tables to match; the
-storage tests check that the migrated schema equals `app.db.metadata` on both databases.
+newest, set `down_revision` to its `revision`, set `app.db.SCHEMA_REVISION` to the new revision
+(a start at that revision skips Alembic), and change `app.db`'s tables to match; the storage
+tests check both: the head against `SCHEMA_REVISION`, the migrated schema against
+`app.db.metadata` on both databases.
 """
 
 from alembic import context
