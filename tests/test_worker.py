@@ -18,7 +18,7 @@ from app.worker import ClientSocket
 from tests.conftest import REPO
 
 MASTER_IMPORTS = "import app, app.logs, app.metrics, app.worker"
-APP_PACKAGES = ("alembic", "flask", "flask_cors", "sqlalchemy", "werkzeug")
+APP_PACKAGES = ("alembic", "flask", "flask_cors", "requests", "sqlalchemy", "werkzeug")
 
 
 def client_and_peer() -> tuple[ClientSocket, gevent.socket.socket]:
