@@ -1,9 +1,11 @@
 """Relaying a body that arrives slowly: wake up while the upstream is silent.
 
 A generator that blocks on the upstream socket cannot notice that its own client left, nor write
-a heartbeat. `pace` reads the upstream in a background thread (a greenlet under gevent) and
-yields `IDLE` whenever nothing arrived for a while, so the caller can send `: ping` — whose write
-fails once the client is gone — or check the client's socket directly.
+a heartbeat. `pace` yields `IDLE` whenever nothing arrived for a while, so the caller can send
+`: ping` — whose write fails once the client is gone — or check the client's socket directly.
+A body that can be waited on with a timeout (`Receiver`, an upstream event stream) is read in
+the caller's own thread; any other iterator is read in a background thread (a greenlet under
+gevent).
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 from .errors import ApiError
 
 IDLE = object()
 _END = object()
+
+
+@runtime_checkable
+class Receiver(Protocol):
+    def receive(self, timeout: float) -> bytes | None:
+        """What arrives within `timeout` seconds: None if nothing did, b"" once the body ended."""
 
 
 def pace(
@@ -37,6 +46,9 @@ def pace(
     With `joined`, the chunks already waiting when the caller asks are handed on as one piece:
     a caller that fell behind catches up in one write instead of one per chunk.
     """
+    if isinstance(chunks, Receiver):
+        yield from _pace_inline(chunks, idle_every, max_seconds, on_stop)
+        return
     inbox: queue.Queue = queue.Queue(maxsize=256)
     stopped = threading.Event()
 
@@ -78,6 +90,29 @@ def pace(
         stopped.set()
         on_stop()
         _drain(inbox)
+
+
+def _pace_inline(
+    body: Receiver, idle_every: float, max_seconds: float, on_stop: Callable[[], None]
+) -> Iterator[bytes | object]:
+    """`pace` without a reader thread; a receive already hands on all that waits, as one piece."""
+    ends_at = time.monotonic() + max_seconds
+    try:
+        while True:
+            wait = min(idle_every, ends_at - time.monotonic())
+            if wait <= 0:
+                raise ApiError(
+                    "upstream_timeout", f"The answer took longer than {max_seconds:g} s."
+                )
+            piece = body.receive(wait)
+            if piece is None:
+                yield IDLE
+            elif piece:
+                yield piece
+            else:
+                return
+    finally:
+        on_stop()
 
 
 def _drain(inbox: queue.Queue) -> None:

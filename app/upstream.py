@@ -10,6 +10,7 @@ request's `X-Request-ID` and is counted in the request's record and in the metri
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ ERROR_BODY_LIMIT = 1 << 20
 READ_SIZE = 64 * 1024
 QUOTA_REST = 300.0  # seconds an exhausted key rests when the upstream gives no Retry-After
 URL_CACHE_SIZE = 256  # distinct upstream URLs (path and query) whose prepared form is kept
+MAX_LINE = 64 * 1024  # longest chunk-size or trailer line, as http.client allows
 
 
 @dataclass
@@ -59,6 +61,7 @@ class UpstreamAnswer:
     _closed: bool = field(default=False, repr=False)
     _finished: bool = field(default=False, repr=False)  # the whole body was read
     _aborted: ApiError | None = field(default=None, repr=False)
+    _events: EventBody | None = field(default=None, repr=False)
 
     __hash__ = object.__hash__  # kept in `shutdown`'s set while its body is being read
 
@@ -75,7 +78,15 @@ class UpstreamAnswer:
         return self.response.headers.get("Content-Type", "")
 
     def iter_bytes(self) -> Iterator[bytes]:
-        """The body as it arrives, each piece handed on as soon as the socket gives it."""
+        """The body as it arrives, each piece handed on as soon as the socket gives it.
+
+        An event stream comes as an `EventBody`, which the relay can also wait on with a timeout.
+        """
+        if self.body is None and self._events is None:
+            self._events = EventBody.open(self)
+        return self._events if self._events is not None else self._iter_bytes()
+
+    def _iter_bytes(self) -> Iterator[bytes]:
         if self.body is not None:
             if self.body:
                 yield self.body
@@ -144,11 +155,13 @@ class UpstreamAnswer:
         if self._closed:
             return
         self._closed = True
+        if self._events is not None:
+            shutdown.relayed(self)
         if self._finished:
             self.response.raw.release_conn()  # read to the end: back to the pool for reuse
             return
         connection = getattr(self.response.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
+        sock = self._events.sock if self._events is not None else getattr(connection, "sock", None)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -158,6 +171,174 @@ class UpstreamAnswer:
             self.response.close()
         except (RuntimeError, OSError, ValueError):
             pass
+
+
+class EventBody:
+    """An event stream's body read straight from the upstream socket, in the caller's thread.
+
+    http.client reads one chunk per call through its own buffer, and a relay that must notice
+    silence needed a reader thread for it; reading here saves ~27 us per chunk and ~20 KB per
+    open stream (measured, 200 streams under gevent). Each
+    `receive` takes all the socket holds (several chunks at once when the worker is behind),
+    strips the chunked framing in one pass, and returns None when `timeout` passes in silence.
+    After the last chunk, http.client's response is closed as after a read to the end, so the
+    connection goes back to the pool; anything unexpected after it closes the connection instead.
+    """
+
+    def __init__(self, answer: UpstreamAnswer, sock: socket.socket, head: bytes, chunked: bool):
+        self.sock = sock
+        self._answer = answer
+        self._chunked = chunked
+        self._head = head  # what http.client's buffer held past the headers
+        self._rest = b""  # framing not yet complete
+        self._left = 0  # bytes of the current chunk still to come
+        self._after_data = False  # the line ending a chunk's data comes next
+        self._in_trailers = False
+        self._ended = False
+        self._silent_until = 0.0  # time.monotonic() at which silence becomes `upstream_timeout`
+
+    @classmethod
+    def open(cls, answer: UpstreamAnswer) -> EventBody | None:
+        """The body of an event stream read here; None for any other body (read by urllib3)."""
+        raw = answer.response.raw
+        if "text/event-stream" not in answer.content_type or raw.headers.get(
+            "Content-Encoding", "identity"
+        ) not in ("", "identity"):
+            return None
+        response = getattr(raw, "_fp", None)  # http.client's response, headers read, body not
+        reader = getattr(response, "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+        framed = getattr(response, "chunked", False)
+        if (
+            not isinstance(sock, socket.socket)  # not a TLS-in-TLS transport, for one
+            or not isinstance(reader, io.BufferedReader)
+            or getattr(raw, "_fp_bytes_read", 1)
+            or (not framed and getattr(response, "length", 0) is not None)
+        ):
+            return None
+        timeout = sock.gettimeout()
+        sock.settimeout(0)  # peek then returns the buffer, or b"" at once
+        try:
+            head = reader.peek()
+        except (OSError, ValueError):  # SSLWantReadError, a reset: the first receive sees it
+            head = b""
+        finally:
+            sock.settimeout(timeout)
+        if not response.will_close:  # frees its 8 KiB buffer; the socket stays open for reuse
+            response.close()
+        return cls(answer, sock, head, bool(framed))
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (piece := self.receive(self._answer.read_timeout)) != b"":
+            if piece:
+                yield piece
+
+    def receive(self, timeout: float) -> bytes | None:
+        """What arrives within `timeout` seconds, unframed: None if nothing did, b"" at the end.
+
+        Raises `upstream_timeout` after the upstream's read timeout of silence, and
+        `upstream_unreachable` when the connection breaks or the framing is malformed.
+        """
+        answer = self._answer
+        if self._ended or answer._closed:
+            if answer._aborted:
+                raise answer._aborted
+            return b""
+        now = time.monotonic()
+        if not self._silent_until:
+            shutdown.relaying(answer)
+            self._silent_until = now + answer.read_timeout
+        while True:
+            if self._head:
+                data, self._head = self._head, b""
+            else:
+                wait = min(timeout, self._silent_until - now)
+                if wait <= 0:
+                    raise ApiError(
+                        "upstream_timeout",
+                        f"The upstream sent nothing for {answer.read_timeout:g} s.",
+                    )
+                try:
+                    # A TLS socket first hands what it already decrypted (its pending bytes).
+                    self.sock.settimeout(wait)
+                    data = self.sock.recv(READ_SIZE)
+                except TimeoutError:
+                    now = time.monotonic()
+                    if now < self._silent_until:
+                        return None
+                    continue
+                except (OSError, ValueError):  # also a socket closed by `abort` meanwhile
+                    data = None
+            if answer._aborted:
+                raise answer._aborted
+            if not data:
+                if answer._closed:
+                    return b""
+                if data is None or self._chunked:
+                    raise _broken()
+                return self._end(reusable=True)  # read until close: a clean end
+            now = time.monotonic()
+            self._silent_until = now + answer.read_timeout
+            piece = self._unframe(data) if self._chunked else data
+            if self._ended:
+                self._end(reusable=not self._rest)
+                return piece
+            if piece:
+                return piece
+
+    def _unframe(self, data: bytes) -> bytes:
+        """The chunks' data in `data`, keeping an incomplete size or trailer line for later."""
+        buffer = self._rest + data if self._rest else data
+        pieces = []
+        position, size = 0, len(buffer)
+        while position < size:
+            if self._left:
+                end = min(size, position + self._left)
+                pieces.append(buffer[position:end])
+                self._left -= end - position
+                position = end
+                self._after_data = not self._left
+                continue
+            line_end = buffer.find(b"\n", position)
+            if line_end < 0:
+                if size - position > MAX_LINE:
+                    raise _broken()
+                break
+            line = buffer[position:line_end].rstrip(b"\r")
+            position = line_end + 1
+            if self._after_data:
+                if line:
+                    raise _broken()
+                self._after_data = False
+            elif self._in_trailers:
+                if not line:
+                    self._ended = True
+                    break
+            else:
+                try:
+                    chunk = int(line.split(b";", 1)[0], 16)  # a chunk extension is ignored
+                except ValueError:
+                    raise _broken() from None
+                if chunk < 0:
+                    raise _broken()
+                self._left = chunk
+                self._in_trailers = chunk == 0
+        self._rest = buffer[position:]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _end(self, reusable: bool) -> bytes:
+        """After the last chunk: http.client's response closed, as after a read to the end, so
+        that `UpstreamAnswer.close` returns the connection to the pool."""
+        self._ended = True
+        shutdown.relayed(self._answer)
+        if reusable:
+            self._answer.response.raw._fp.close()
+            self._answer._finished = True
+        return b""
+
+
+def _broken() -> ApiError:
+    return ApiError("upstream_unreachable", "The connection to the upstream broke mid-answer.")
 
 
 class PoolCachingAdapter(HTTPAdapter):
