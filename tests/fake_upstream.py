@@ -11,6 +11,7 @@ import base64
 import re
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -157,7 +158,9 @@ Behaviour = Callable[[Exchange], None]
 class FakeUpstream:
     """The fake server: start it, point the proxy at `base_url`, queue behaviours, read `requests`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # a server context: answer over TLS, as the real provider does
+        self.connections = 0  # accepted so far: tells whether the client kept one alive
         self.reply_text = DEFAULT_REPLY
         self.requests: list[RecordedRequest] = []
         self._queue: deque[Behaviour] = deque()
@@ -191,7 +194,7 @@ class FakeUpstream:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     @property
     def stopping(self) -> bool:
@@ -261,6 +264,13 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, fake: FakeUpstream) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.fake = fake
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, address = super().get_request()
+        self.fake.connections += 1
+        if self.fake.tls is not None:
+            sock = self.fake.tls.wrap_socket(sock, server_side=True)
+        return sock, address
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Stay quiet when a client hangs up: the tests make the proxy do that on purpose."""
