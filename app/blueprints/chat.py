@@ -117,27 +117,39 @@ def _event_stream(stream: ChatStream, conversation_id: str | None = None) -> Res
 
 
 def _events(stream: ChatStream, conversation_id: str | None, environ: dict) -> Iterator[bytes]:
-    """Our SSE for one answer; a heartbeat while the upstream is silent, so a gone client shows."""
-    start = {"model": stream.model}
+    """Our SSE for one answer; a heartbeat while the upstream is silent, so a gone client shows.
+
+    The events of one upstream read go out as one write (`start` with the first), as `/v1`
+    relays them: a server that fell behind catches up in one socket write, not one per delta.
+    """
+    start = {"model": stream.model}  # the model asked for, before a chunk names another
     if conversation_id:
         start = {"conversation_id": conversation_id, **start}
-    yield sse.event("start", start)
+    pending = [sse.event("start", start)]
     try:
-        for item in stream:
-            if item is IDLE:
+        for batch in stream.batches():
+            if batch is IDLE:
                 if client_gone(environ):
                     return
-                yield sse.HEARTBEAT
-            elif isinstance(item, Delta):
-                yield sse.event("delta", {"content": item.content})
-            elif isinstance(item, Finish):
-                done = {"id": item.id, "finish_reason": item.finish_reason, "usage": item.usage}
-                yield sse.event("done", done)
+                pending.append(sse.HEARTBEAT)
+            else:
+                pending.extend(_event(item) for item in batch)
+            if pending:
+                yield b"".join(pending)
+                pending = []
     except ApiError as exc:
         requestlog.current().error = exc.code
-        yield sse.event("error", exc.body())
+        pending.append(sse.event("error", exc.body()))
+        yield b"".join(pending)
     finally:
         stream.stop()  # the ledger row and stored answer: in close(), after the last bytes
+
+
+def _event(item: Delta | Finish) -> bytes:
+    if isinstance(item, Delta):
+        return sse.text_event("delta", "content", item.content)
+    done = {"id": item.id, "finish_reason": item.finish_reason, "usage": item.usage}
+    return sse.event("done", done)
 
 
 @bp.get("/chat/conversations")

@@ -25,6 +25,8 @@ from ..upstream import UpstreamAnswer, UpstreamClient
 from .ledger import Ledger, estimate_usage
 
 IDLE_EVERY = 0.5  # seconds of upstream silence between two heartbeats / client checks
+# Built once: `json.dumps` with an option builds a new encoder per call.
+_JSON = json.JSONEncoder(ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ChatRequest:
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        return json.dumps(body, ensure_ascii=False).encode()
+        return _JSON.encode(body).encode()
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,9 @@ class ChatService:
 class ChatStream:
     """The upstream's chunks as `Delta`s, a final `Finish`, and `IDLE` while it is silent.
 
+    `batches()` gives them grouped by upstream read, so that chunks that arrived together can
+    go out in one write; iterating the stream gives them one by one.
+
     Counted in the streams in progress from its creation until it is closed.
     """
 
@@ -197,7 +202,7 @@ class ChatStream:
         self.finish: Finish | None = None
         self._parts: list[str] = []
         self._answer = answer
-        self._items = self._delivered(
+        self._batches = self._delivered(
             self._replay(completion) if completion else self._read(max_seconds)
         )
         self._on_close: list[Callable[[ChatStream], None]] = []
@@ -222,20 +227,30 @@ class ChatStream:
         """Runs `callback(self)` once, when the stream is closed, however it ended."""
         self._on_close.append(callback)
 
-    def _delivered(self, items: Iterator[Delta | Finish | object]) -> Iterator:
-        for item in items:
-            if isinstance(item, Delta):
-                if not self._parts:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(
-                        time.monotonic() - self._answer.started
-                    )
-                self._parts.append(item.content)
-            elif isinstance(item, Finish):
-                self.finish = item
-            yield item
+    def _delivered(self, batches: Iterator[list[Delta | Finish] | object]) -> Iterator:
+        for batch in batches:
+            if batch is not IDLE:
+                for item in batch:
+                    if isinstance(item, Delta):
+                        if not self._parts:
+                            metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(
+                                time.monotonic() - self._answer.started
+                            )
+                        self._parts.append(item.content)
+                    else:
+                        self.finish = item
+            yield batch
+
+    def batches(self) -> Iterator[list[Delta | Finish] | object]:
+        """Lists of the items one upstream read brought, and `IDLE` while it is silent."""
+        return self._batches
 
     def __iter__(self) -> Iterator[Delta | Finish | object]:
-        return self._items
+        for batch in self._batches:
+            if batch is IDLE:
+                yield IDLE
+            else:
+                yield from batch
 
     def stop(self) -> None:
         """Stops reading the upstream. The callbacks wait for `close()`, which the server calls
@@ -244,7 +259,7 @@ class ChatStream:
             return
         self._stopped = True
         try:
-            self._items.close()
+            self._batches.close()
         finally:
             self._answer.close()
 
@@ -262,14 +277,14 @@ class ChatStream:
                 self._in_progress.dec()
 
     @staticmethod
-    def _replay(completion: Completion) -> Iterator[Delta | Finish]:
-        if completion.content:
-            yield Delta(completion.content)
-        yield Finish(completion.id, completion.model, completion.finish_reason, completion.usage)
+    def _replay(completion: Completion) -> Iterator[list[Delta | Finish]]:
+        finish = Finish(completion.id, completion.model, completion.finish_reason, completion.usage)
+        yield [Delta(completion.content), finish] if completion.content else [finish]
 
-    def _read(self, max_seconds: float) -> Iterator[Delta | Finish | object]:
+    def _read(self, max_seconds: float) -> Iterator[list[Delta | Finish] | object]:
         reader = EventReader()
         chunk_id, finish_reason, usage, done = "", None, None, False
+        batch: list[Delta | Finish] = []
         paced = pace(
             self._answer.iter_bytes(),
             idle_every=IDLE_EVERY,
@@ -282,28 +297,35 @@ class ChatStream:
                 if piece is IDLE:
                     yield IDLE
                     continue
-                for event in reader.feed(piece):
-                    if event.data.strip() == "[DONE]":
-                        done = True
-                        break
-                    chunk = _chunk(event.data)
-                    chunk_id = chunk.get("id") or chunk_id
-                    self.model = chunk.get("model") or self.model
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or ():
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            yield Delta(content)
-                        finish_reason = choice.get("finish_reason") or finish_reason
+                try:
+                    for event in reader.feed(piece):
+                        if event.data.strip() == "[DONE]":
+                            done = True
+                            break
+                        chunk = _chunk(event.data)
+                        chunk_id = chunk.get("id") or chunk_id
+                        self.model = chunk.get("model") or self.model
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices") or ():
+                            content = (choice.get("delta") or {}).get("content")
+                            if content:
+                                batch.append(Delta(content))
+                            finish_reason = choice.get("finish_reason") or finish_reason
+                except ApiError:
+                    if batch:  # what came before the bad event still goes out
+                        yield batch
+                    raise
                 if done:
-                    break
+                    break  # the last deltas go out with the `Finish`, in one write
+                yield batch  # even empty: the caller learns that the upstream answered
+                batch = []
         finally:
             paced.close()
         if not done and finish_reason is None:
             raise ApiError(
                 "upstream_unreachable", "The upstream stream ended before the answer did."
             )
-        yield Finish(chunk_id, self.model, finish_reason, usage)
+        yield [*batch, Finish(chunk_id, self.model, finish_reason, usage)]
 
 
 def _json_body(answer: UpstreamAnswer) -> dict[str, Any]:
