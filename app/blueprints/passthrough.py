@@ -54,7 +54,8 @@ def relay(path: str):
     passthrough = current_app.extensions["passthrough"]
     query = request.query_string.decode("latin-1")
     answer = passthrough.send(request.method, raw_path, query, request.headers, body, client_name())
-    headers = client_headers(answer)
+    # With a budget, the ledger row must be written before the client sees the end of the body.
+    headers = client_headers(answer, keep_length=not settings.daily_token_budget)
     if path == "models" and settings.allowed_models and answer.status == 200:
         return Response(passthrough.allowed_models_body(answer), 200, headers)
     if request.method == "HEAD":

@@ -75,10 +75,11 @@ def _all(headers, name: str) -> list[str]:
     return getlist(name) if getlist else [headers.get(name, "")]
 
 
-def client_headers(answer: UpstreamAnswer) -> list[tuple[str, str]]:
-    """The upstream's headers that may reach the client."""
+def client_headers(answer: UpstreamAnswer, keep_length: bool = True) -> list[tuple[str, str]]:
+    """The upstream's headers that may reach the client; without `keep_length`, the body goes
+    chunked, so that its end reaches the client only after the relay's last step."""
     named = {t.strip().lower() for t in answer.headers.get("connection", "").split(",")}
-    if "content-encoding" in answer.headers:
+    if "content-encoding" in answer.headers or not keep_length:
         named.add("content-length")
     headers = [
         (name, value)
@@ -135,7 +136,8 @@ class Passthrough:
         however it ends: only an answer relayed to its end is whole, anything else is partial.
         The row is written once the response is closed, after its last bytes, so the client
         does not wait for the database; with a daily budget, before them instead, so that the
-        client's next request, to any instance, meets its budget spent.
+        client's next request, to any instance, meets its budget spent (the body then goes
+        chunked: see `client_headers`).
         """
         meter = Meter(metered.request_json if metered else None)
         if "text/event-stream" in answer.content_type:
