@@ -113,7 +113,7 @@ PARTS = [
     ),
     (
         "upstream body: urllib3 + http.client reads",
-        ["UpstreamAnswer.iter_bytes", "UpstreamAnswer.read"],
+        ["UpstreamAnswer.iter_bytes", "UpstreamAnswer.read", "EventBody."],
     ),
     ("closing the upstream response", ["UpstreamAnswer.close"]),
     ("ledger: SQLAlchemy + SQLite insert / budget", ["Ledger."]),
@@ -143,7 +143,10 @@ PARTS = [
         ],
     ),
     ("our SSE events (json.dumps per event)", ["event (app/sse.py)"]),
-    ("relay hand-off: pace() reader greenlet + queue", ["(app/relay.py)"]),
+    (
+        "relay pacing: pace() (heartbeat timer; reader greenlet + queue for non-event bodies)",
+        ["(app/relay.py)"],
+    ),
     (
         "response headers: filter, CORS, security",
         [
