@@ -134,8 +134,11 @@ def client_gone(environ: dict) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        # poll, not select: select() refuses descriptors past 1,023, which a worker holding
+        # hundreds of streams (a client and an upstream socket each) soon reaches.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0)) and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 

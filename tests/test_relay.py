@@ -6,6 +6,8 @@ that carries usage, with the same figures; chunks that wait are handed on as one
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from app.services.passthrough import Metered, Passthrough
 from app.settings import load_settings
 from app.sse import Event
 from app.upstream import UpstreamClient
+from tests.conftest import REPO
 from tests.fake_upstream import FAKE_KEY, FakeUpstream, stream
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -243,3 +246,37 @@ def test_joined_pace_hands_on_the_chunks_that_wait_as_one_piece(end: BaseExcepti
         with pytest.raises(OSError):
             next(paced)
     assert source.stopped.is_set()
+
+
+# --- a gone client, seen past select()'s descriptor limit ---------------------------------------
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["threads", "gevent"])
+def test_a_client_is_seen_gone_or_present_on_a_descriptor_past_1024(patched: bool) -> None:
+    """A worker holding 500 streams has 1,000 sockets open; select() would refuse them, and
+    every idle tick would end a live stream as if its client had left."""
+    script = f"""
+import os, resource, socket
+if {patched}:
+    from gevent import monkey
+    monkey.patch_all()
+from app.relay import client_gone
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 2048), hard), hard))
+def high_pair(fd):
+    ours, theirs = socket.socketpair()
+    return socket.socket(fileno=os.dup2(ours.detach(), fd)), theirs
+quiet, quiet_peer = high_pair(1500)
+talking, talking_peer = high_pair(1501)
+assert quiet.fileno() > 1023 and talking.fileno() > 1023
+present = client_gone({{"gunicorn.socket": quiet}})
+talking_peer.sendall(b"a pipelined request")
+with_data = client_gone({{"gunicorn.socket": talking}})
+quiet_peer.close()
+print(present, with_data, client_gone({{"gunicorn.socket": quiet}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True"]
