@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from .errors import ApiError
 
@@ -24,14 +24,13 @@ IDLE = object()
 _END = object()
 
 
-@runtime_checkable
 class Receiver(Protocol):
     def receive(self, timeout: float) -> bytes | None:
         """What arrives within `timeout` seconds: None if nothing did, b"" once the body ended."""
 
 
 def pace(
-    chunks: Iterator[bytes],
+    chunks: Iterator[bytes] | Receiver,
     *,
     idle_every: float,
     max_seconds: float,
@@ -43,59 +42,12 @@ def pace(
     Raises `ApiError("upstream_timeout")` once the whole relay has lasted `max_seconds`, and
     re-raises in the caller's thread what reading the upstream raised. `on_stop` (which must
     wake a blocked reader, e.g. by closing the upstream connection) runs when the caller stops.
-    With `joined`, the chunks already waiting when the caller asks are handed on as one piece:
-    a caller that fell behind catches up in one write instead of one per chunk.
+    With `joined`, the chunks of a plain iterator already waiting when the caller asks are handed
+    on as one piece (a `Receiver` hands on all that waits anyway): a caller that fell behind
+    catches up in one write instead of one per chunk.
     """
-    if isinstance(chunks, Receiver):
-        yield from _pace_inline(chunks, idle_every, max_seconds, on_stop)
-        return
-    inbox: queue.Queue = queue.Queue(maxsize=256)
-    stopped = threading.Event()
-
-    def read() -> None:
-        try:
-            for chunk in chunks:
-                if stopped.is_set():
-                    return
-                inbox.put(chunk)
-            inbox.put(_END)
-        except BaseException as exc:  # handed to the caller's thread, which decides
-            inbox.put(exc)
-
-    threading.Thread(target=read, name="upstream-reader", daemon=True).start()
-    ends_at = time.monotonic() + max_seconds
-    try:
-        while True:
-            wait = min(idle_every, ends_at - time.monotonic())
-            if wait <= 0:
-                raise ApiError(
-                    "upstream_timeout", f"The answer took longer than {max_seconds:g} s."
-                )
-            try:
-                item = inbox.get(timeout=wait)
-            except queue.Empty:
-                yield IDLE
-                continue
-            batch = [item]
-            while joined and not inbox.empty():  # one reader, and nothing comes after the end
-                batch.append(inbox.get_nowait())
-            end = batch.pop() if batch[-1] is _END or isinstance(batch[-1], BaseException) else None
-            if batch:
-                yield batch[0] if len(batch) == 1 else b"".join(batch)
-            if end is _END:
-                return
-            if end is not None:
-                raise end
-    finally:
-        stopped.set()
-        on_stop()
-        _drain(inbox)
-
-
-def _pace_inline(
-    body: Receiver, idle_every: float, max_seconds: float, on_stop: Callable[[], None]
-) -> Iterator[bytes | object]:
-    """`pace` without a reader thread; a receive already hands on all that waits, as one piece."""
+    reader = None if hasattr(chunks, "receive") else _ReaderThread(chunks, joined)
+    body = reader or chunks
     ends_at = time.monotonic() + max_seconds
     try:
         while True:
@@ -113,15 +65,58 @@ def _pace_inline(
                 return
     finally:
         on_stop()
+        if reader is not None:
+            reader.stop()
 
 
-def _drain(inbox: queue.Queue) -> None:
-    """Unblocks a reader waiting to put into a full queue, so that it can see `stopped`."""
-    try:
-        while True:
-            inbox.get_nowait()
-    except queue.Empty:
-        pass
+class _ReaderThread:
+    """A plain iterator as a `Receiver`: read in a background thread (a greenlet under gevent)
+    and handed over through a queue."""
+
+    def __init__(self, chunks: Iterator[bytes], joined: bool):
+        self._inbox: queue.Queue = queue.Queue(maxsize=256)
+        self._stopped = threading.Event()
+        self._joined = joined
+        self._end: object = None  # `_END` or the exception behind the pieces handed on
+        threading.Thread(
+            target=self._read, args=(chunks,), name="upstream-reader", daemon=True
+        ).start()
+
+    def _read(self, chunks: Iterator[bytes]) -> None:
+        try:
+            for chunk in chunks:
+                if self._stopped.is_set():
+                    return
+                if chunk:
+                    self._inbox.put(chunk)
+            self._inbox.put(_END)
+        except BaseException as exc:  # handed to the caller's thread, which decides
+            self._inbox.put(exc)
+
+    def receive(self, timeout: float) -> bytes | None:
+        if self._end is None:
+            try:
+                batch = [self._inbox.get(timeout=timeout)]
+            except queue.Empty:
+                return None
+            while self._joined and not self._inbox.empty():  # one reader: nothing after the end
+                batch.append(self._inbox.get_nowait())
+            if batch[-1] is _END or isinstance(batch[-1], BaseException):
+                self._end = batch.pop()
+            if batch:
+                return b"".join(batch)
+        if self._end is _END:
+            return b""
+        raise self._end
+
+    def stop(self) -> None:
+        """Lets the reader see that nobody reads any more, also when it waits on a full queue."""
+        self._stopped.set()
+        try:
+            while True:
+                self._inbox.get_nowait()
+        except queue.Empty:
+            pass
 
 
 def client_gone(environ: dict) -> bool:

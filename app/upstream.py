@@ -470,18 +470,20 @@ class UpstreamClient:
                     proxies=self._proxies,
                 )
             except requests.RequestException as exc:
-                metrics.UPSTREAM_LATENCY.labels("error").observe(time.monotonic() - attempt_started)
+                metrics.labelled(metrics.UPSTREAM_LATENCY, "error").observe(
+                    time.monotonic() - attempt_started
+                )
                 failure, retryable = _classify(exc, settings)
                 log.warning("upstream %s on attempt %d: %s", failure.code, attempts, _brief(exc))
                 delay = _backoff(retries_done)
                 if retryable and self._may_retry(retries_done, delay, deadline):
-                    metrics.UPSTREAM_RETRIES.labels("connect_error").inc()
+                    metrics.labelled(metrics.UPSTREAM_RETRIES, "connect_error").inc()
                     retries_done += 1
                     time.sleep(delay)
                     continue
                 raise failure from None
 
-            metrics.UPSTREAM_LATENCY.labels(str(response.status_code)).observe(
+            metrics.labelled(metrics.UPSTREAM_LATENCY, str(response.status_code)).observe(
                 time.monotonic() - attempt_started
             )
             record.upstream_request_id = response.headers.get("x-request-id")
@@ -502,7 +504,7 @@ class UpstreamClient:
                     "upstream refused key %s with %d; it rests until restart", mask_key(key), status
                 )
                 if self.keys.has_fresh_key(refused):
-                    metrics.KEY_FAILOVERS.labels(str(status)).inc()
+                    metrics.labelled(metrics.KEY_FAILOVERS, str(status)).inc()
                     continue
                 raise ApiError(
                     "upstream_auth_failed",
@@ -521,7 +523,9 @@ class UpstreamClient:
                 refused.add(key)
                 log.warning("upstream rate-limited key %s (attempt %d)", mask_key(key), attempts)
                 if self.keys.has_fresh_key(refused):
-                    metrics.KEY_FAILOVERS.labels("insufficient_quota" if exhausted else "429").inc()
+                    metrics.labelled(
+                        metrics.KEY_FAILOVERS, "insufficient_quota" if exhausted else "429"
+                    ).inc()
                     answer.close()
                     continue
                 if exhausted:
@@ -532,7 +536,7 @@ class UpstreamClient:
             if not self._may_retry(retries_done, delay, deadline):
                 return answer
             log.info("upstream answered %d; retrying in %.2f s", status, delay)
-            metrics.UPSTREAM_RETRIES.labels(str(status)).inc()
+            metrics.labelled(metrics.UPSTREAM_RETRIES, str(status)).inc()
             answer.close()
             retries_done += 1
             time.sleep(delay)

@@ -6,6 +6,7 @@ sockets, real worker processes and real logs; the fake upstream runs inside the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -272,3 +273,16 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
         assert piece, f"the stream ended before {marker!r}: {received!r}"
         received += piece
     return received
+
+
+def send_chat(passthrough, body: dict, client: str = "alice"):
+    """`body` as a client's `POST /v1/chat/completions`, through the passthrough service itself
+    (no server in between); the upstream's answer, its body not read yet."""
+    return passthrough.send(
+        "POST",
+        "chat/completions",
+        "",
+        {"Content-Type": "application/json"},
+        json.dumps(body).encode(),
+        client,
+    )

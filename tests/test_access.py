@@ -202,6 +202,15 @@ def test_the_default_origin_wildcard_never_comes_with_credentials(
         assert response.headers.get("Access-Control-Allow-Credentials", "").lower() != "true"
 
 
+def test_a_request_without_origin_gets_no_cors_headers(guarded: Service) -> None:
+    """Only browsers read CORS headers, and they always send Origin: curl and the SDKs are
+    spared them."""
+    response = requests.get(f"{guarded.url}/healthz", timeout=10)
+
+    assert response.status_code == 200
+    assert not [name for name in response.headers if name.lower().startswith("access-control-")]
+
+
 def test_an_allowed_origin_is_answered_with_itself(one_origin: Service) -> None:
     simple = requests.get(f"{one_origin.url}/healthz", headers={"Origin": ORIGIN}, timeout=10)
     checked = preflight(one_origin, "/chat", ORIGIN)

@@ -25,7 +25,7 @@ from app.services.passthrough import Metered, Passthrough
 from app.settings import load_settings
 from app.sse import Event
 from app.upstream import UpstreamClient
-from tests.conftest import REPO
+from tests.conftest import REPO, send_chat
 from tests.fake_upstream import FAKE_KEY, FakeUpstream, stream
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -51,17 +51,6 @@ def services(upstream: FakeUpstream, ledger: Ledger) -> tuple[Passthrough, ChatS
     return Passthrough(settings, client, ledger), ChatService(settings, client, ledger)
 
 
-def send_stream(passthrough: Passthrough, body: dict):
-    return passthrough.send(
-        "POST",
-        "chat/completions",
-        "",
-        {"Content-Type": "application/json"},
-        json.dumps(body).encode(),
-        "alice",
-    )
-
-
 # --- the ledger row waits for close() ------------------------------------------------------------
 
 
@@ -73,7 +62,7 @@ def test_a_relayed_stream_is_recorded_when_closed_not_when_its_body_ends(
     body = {**CHAT_BODY, "stream_options": {"include_usage": True}}
     metered = Metered("alice", "/v1/chat/completions", body)
 
-    relayed = passthrough.relay(send_stream(passthrough, body), {}, metered)
+    relayed = passthrough.relay(send_chat(passthrough, body), {}, metered)
     text = b"".join(relayed)
 
     assert b"data: [DONE]" in text
@@ -104,7 +93,7 @@ def test_a_json_answer_is_recorded_on_close_or_with_a_budget_when_its_body_ends(
     body = {"model": "gpt-4o-mini", "messages": MESSAGES}
     metered = Metered("alice", "/v1/chat/completions", body)
 
-    relayed = passthrough.relay(send_stream(passthrough, body), {}, metered)
+    relayed = passthrough.relay(send_chat(passthrough, body), {}, metered)
     assert b'"chat.completion"' in b"".join(relayed)
 
     assert len(rows(ledger)) == rows_when_the_body_ends
@@ -120,7 +109,7 @@ def test_a_stream_the_client_leaves_is_recorded_once_as_partial_on_close(
     passthrough, _ = services(upstream, ledger)
     upstream.enqueue(stream(chunks=["Hello ", "there"], hang_after=1))
     metered = Metered("alice", "/v1/chat/completions", CHAT_BODY)
-    relayed = passthrough.relay(send_stream(passthrough, CHAT_BODY), {}, metered)
+    relayed = passthrough.relay(send_chat(passthrough, CHAT_BODY), {}, metered)
 
     for piece in relayed:
         if b"Hello" in piece:
@@ -140,7 +129,7 @@ def test_a_body_never_read_is_still_recorded_and_its_upstream_closed(
     upstream.enqueue(stream(chunks=["Hello"], hang_after=0))
     metered = Metered("alice", "/v1/chat/completions", CHAT_BODY)
 
-    passthrough.relay(send_stream(passthrough, CHAT_BODY), {}, metered).close()
+    passthrough.relay(send_chat(passthrough, CHAT_BODY), {}, metered).close()
 
     assert [row.partial for row in rows(ledger)] == [True]
     [request] = upstream.wait_for_requests(1)

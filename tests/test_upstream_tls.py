@@ -20,6 +20,7 @@ from app.services.ledger import Ledger
 from app.services.passthrough import Passthrough
 from app.settings import load_settings
 from app.upstream import UpstreamClient
+from tests.conftest import send_chat
 from tests.fake_upstream import FAKE_KEY, FakeUpstream, answer_like_openai, stream
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -60,14 +61,8 @@ def passthrough(
 
 
 def post(passthrough: Passthrough, body: dict) -> bytes:
-    answer = passthrough.send(
-        "POST",
-        "chat/completions",
-        "",
-        {"Content-Type": "application/json"},
-        json.dumps(body).encode(),
-        "alice",
-    )
+    """The relayed body of one chat request, read to its end."""
+    answer = send_chat(passthrough, body)
     relayed = passthrough.relay(answer, {})
     try:
         return b"".join(relayed)

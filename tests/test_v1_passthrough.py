@@ -434,6 +434,22 @@ def test_an_unencoded_answer_keeps_its_length_and_an_encoded_one_is_relayed_deco
         assert second.raw.read() == plain
 
 
+def test_with_a_daily_budget_an_answer_goes_chunked_so_its_row_precedes_its_end(
+    start_service: Callable[..., Service], upstream: FakeUpstream
+) -> None:
+    """A body with a Content-Length is whole for the client once its last byte arrives, before
+    the relay has written the ledger row that the client's next request must meet."""
+    budgeted = start_service(DAILY_TOKEN_BUDGET="1000000")
+    plain = json.dumps({"id": "chatcmpl-plain", "choices": []}).encode()
+    upstream.enqueue(respond(200, body=plain, content_type="application/json"))
+
+    response = requests.post(f"{budgeted.url}/v1/chat/completions", json=CHAT, stream=True)
+
+    assert "Content-Length" not in response.headers
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert response.raw.read() == plain
+
+
 def test_upstream_404_error_comes_back_as_sent(service: Service, upstream: FakeUpstream) -> None:
     response = requests.get(f"{service.url}/v1/models/no-such-model", timeout=10)
 

@@ -16,7 +16,7 @@ from werkzeug.routing import BaseConverter
 from ..auth import client_name
 from ..errors import ApiError
 from ..jsonbody import parse_form, parse_json, read_body
-from ..services.passthrough import Metered, client_headers
+from ..services.passthrough import Metered
 
 bp = Blueprint("passthrough", __name__)
 
@@ -54,8 +54,7 @@ def relay(path: str):
     passthrough = current_app.extensions["passthrough"]
     query = request.query_string.decode("latin-1")
     answer = passthrough.send(request.method, raw_path, query, request.headers, body, client_name())
-    # With a budget, the ledger row must be written before the client sees the end of the body.
-    headers = client_headers(answer, keep_length=not settings.daily_token_budget)
+    headers = passthrough.client_headers(answer)
     if path == "models" and settings.allowed_models and answer.status == 200:
         return Response(passthrough.allowed_models_body(answer), 200, headers)
     if request.method == "HEAD":

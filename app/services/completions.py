@@ -207,7 +207,7 @@ class ChatStream:
         )
         self._on_close: list[Callable[[ChatStream], None]] = []
         self._stopped = self._closed = False
-        self._in_progress = metrics.STREAMS_IN_PROGRESS.labels(endpoint)
+        self._in_progress = metrics.labelled(metrics.STREAMS_IN_PROGRESS, endpoint)
         self._in_progress.inc()
 
     @property
@@ -233,7 +233,7 @@ class ChatStream:
                 for item in batch:
                     if isinstance(item, Delta):
                         if not self._parts:
-                            metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(
+                            metrics.labelled(metrics.TIME_TO_FIRST_TOKEN, self.model).observe(
                                 time.monotonic() - self._answer.started
                             )
                         self._parts.append(item.content)

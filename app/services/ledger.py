@@ -237,6 +237,6 @@ def _count(row: Mapping[str, Any]) -> None:
     record.prompt_tokens += row["prompt_tokens"]
     record.completion_tokens += row["completion_tokens"]
     model = row["model"]
-    metrics.TOKENS.labels(model, "prompt").inc(row["prompt_tokens"])
-    metrics.TOKENS.labels(model, "completion").inc(row["completion_tokens"])
-    metrics.COST.labels(model).inc(row["cost_usd"])
+    metrics.labelled(metrics.TOKENS, model, "prompt").inc(row["prompt_tokens"])
+    metrics.labelled(metrics.TOKENS, model, "completion").inc(row["completion_tokens"])
+    metrics.labelled(metrics.COST, model).inc(row["cost_usd"])

@@ -75,27 +75,13 @@ def _all(headers, name: str) -> list[str]:
     return getlist(name) if getlist else [headers.get(name, "")]
 
 
-def client_headers(answer: UpstreamAnswer, keep_length: bool = True) -> list[tuple[str, str]]:
-    """The upstream's headers that may reach the client; without `keep_length`, the body goes
-    chunked, so that its end reaches the client only after the relay's last step."""
-    named = {t.strip().lower() for t in answer.headers.get("connection", "").split(",")}
-    if "content-encoding" in answer.headers or not keep_length:
-        named.add("content-length")
-    headers = [
-        (name, value)
-        for name, value in answer.headers.items()
-        if name.lower() not in RESPONSE_DROP and name.lower() not in named
-    ]
-    if answer.status == 429 or answer.status >= 500:
-        headers.append(FINAL)
-    return headers
-
-
 class Passthrough:
     def __init__(self, settings: Settings, upstream: UpstreamClient, ledger: Ledger):
         self.settings = settings
         self.upstream = upstream
         self.ledger = ledger
+        # A budget must see each row from the next request on, at any instance: rows first.
+        self._record_early = settings.daily_token_budget > 0
 
     def send(
         self,
@@ -111,6 +97,24 @@ class Passthrough:
         return self.upstream.send(
             method, path, query=query, headers=upstream_headers(headers), body=body
         )
+
+    def client_headers(self, answer: UpstreamAnswer) -> list[tuple[str, str]]:
+        """The upstream's headers that may reach the client.
+
+        With a daily budget the ledger row is written before the body's last bytes (see
+        `relay`), which a client only waits for when the body goes chunked: no Content-Length.
+        """
+        named = {t.strip().lower() for t in answer.headers.get("connection", "").split(",")}
+        if "content-encoding" in answer.headers or self._record_early:
+            named.add("content-length")
+        headers = [
+            (name, value)
+            for name, value in answer.headers.items()
+            if name.lower() not in RESPONSE_DROP and name.lower() not in named
+        ]
+        if answer.status == 429 or answer.status >= 500:
+            headers.append(FINAL)
+        return headers
 
     def allowed_models_body(self, answer: UpstreamAnswer) -> bytes:
         """`GET models` with only the models this server allows."""
@@ -147,7 +151,7 @@ class Passthrough:
         if metered is None or not 200 <= answer.status < 300:
             return relayed
         record = functools.partial(self._record, meter, metered)
-        return MeteredBody(relayed, answer, record, early=self.settings.daily_token_budget > 0)
+        return MeteredBody(relayed, answer, record, early=self._record_early)
 
     def _record(self, meter: Meter, metered: Metered) -> None:
         prompt, completion, estimated = meter.tokens()
@@ -183,7 +187,7 @@ class Passthrough:
             on_stop=answer.close,
             joined=True,
         )
-        in_progress = metrics.STREAMS_IN_PROGRESS.labels("/v1")
+        in_progress = metrics.labelled(metrics.STREAMS_IN_PROGRESS, "/v1")
         in_progress.inc()
         first = True
         try:
@@ -198,7 +202,7 @@ class Passthrough:
                     meter.event(event)
                 if first:
                     first = False
-                    metrics.TIME_TO_FIRST_TOKEN.labels(meter.model or "unknown").observe(
+                    metrics.labelled(metrics.TIME_TO_FIRST_TOKEN, meter.model or "unknown").observe(
                         time.monotonic() - answer.started
                     )
                 yield piece
