@@ -773,6 +773,9 @@ def test_the_token_dialog_asks_once_and_the_token_is_sent_as_bearer(
     assert request.bearer == FAKE_KEY
     assert token not in str(request.headers) and token.encode() not in request.body
     assert page.evaluate(f"localStorage.getItem('{TOKEN_KEY}')") == token
+    # After an answer the page asks for today's usage again: let it land, since a reload
+    # in the middle would abort it.
+    expect(page.locator("#usage-today")).not_to_have_text(re.compile(r"^Today: 0 tokens"))
 
     page.reload()  # remembered: the list and the next question go through without asking
     expect(page.locator("#conversation-list .conversation-open")).to_have_text(["Who am I?"])
